@@ -1,0 +1,4 @@
+"""Adversarial attacks (the attack engine issue deepens this package)."""
+from .pgd import attack_mode, pgd_linf
+
+__all__ = ["attack_mode", "pgd_linf"]

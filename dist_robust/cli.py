@@ -1,0 +1,131 @@
+"""dist-robust: train | eval | report.
+
+Single process:   dist-robust train configs/quickstart.yaml optim.lr=0.05
+One node, N ranks: torchrun --nproc_per_node=N -m dist_robust train configs/quickstart.yaml
+Several nodes:    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 \\
+                      -m dist_robust train CONFIG
+The config is validated in every process before the process group exists, so a mistake exits with
+status 2 and one line on stderr before any rank starts training.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import dist
+from .config import ConfigError, from_dict, load_config, validate
+
+USAGE_ERROR, RUN_ERROR = 2, 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-robust", description="Distributed adversarially robust fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train or fine-tune with a recipe, then evaluate")
+    t.add_argument("config", help="YAML recipe (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value")
+    e = sub.add_parser("eval", help="evaluate a checkpoint: clean and PGD accuracy, exact over ranks")
+    e.add_argument("--checkpoint", required=True, help="model .safetensors, its .json sidecar, or a run folder")
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N points")
+    e.add_argument("--attacks", default="clean,pgd-20", help="comma-separated: clean, pgd-K")
+    e.add_argument("--eps", type=float, default=None, help="L-inf radius (default: the checkpoint's attack.eps)")
+    e.add_argument("--batch-size", type=int, default=None, help="per-rank evaluation batch")
+    e.add_argument("--root", default=None, help="data folder for user-provided datasets")
+    e.add_argument("--seed", type=int, default=0, help="seed of the per-point random starts")
+    e.add_argument("--out", default=None, help="results file (default: eval-DATASET-SPLIT.json by the checkpoint)")
+    r = sub.add_parser("report", help="print a table of results")
+    r.add_argument("runs", nargs="+", help="run folders or results.json files")
+    return p
+
+
+def _eval_config(args, world_size: int):
+    """The checkpoint's stored config, with the evaluation settings of the command line."""
+    from .engine.checkpoint import read_sidecar, resolve
+    sidecar = resolve(args.checkpoint)
+    cfg = from_dict(read_sidecar(sidecar)["config"])
+    cfg.data.name, cfg.data.root = args.dataset, args.root if args.root is not None else cfg.data.root
+    cfg.model.init_from = None
+    cfg.eval.split, cfg.eval.limit, cfg.eval.seed = args.split, args.limit, args.seed
+    cfg.eval.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    cfg.eval.eps = args.eps
+    if args.batch_size is not None:
+        cfg.data.eval_batch_size = args.batch_size
+    cfg.data.batch_size = max(cfg.data.batch_size, world_size)  # training batch: irrelevant here
+    cfg.data.batch_size -= cfg.data.batch_size % world_size
+    validate(cfg, world_size)
+    out = Path(args.out) if args.out else sidecar.parent / f"eval-{args.dataset}-{args.split}.json"
+    return cfg, sidecar, out
+
+
+def _run_eval(cfg, sidecar, out, device):
+    from .engine.checkpoint import load_checkpoint
+    from .engine.train import evaluate_run
+    from .models import model_from_state
+    from .data import dataset_info
+    state, _ = load_checkpoint(sidecar)
+    info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+    model = model_from_state(cfg.model.name, state)
+    classes, channels = model.head.out_features, model.normalize.mean.numel()
+    if (classes, channels) != (info.num_classes, info.channels):
+        raise ValueError(f"--dataset {cfg.data.name} has {info.num_classes} classes and {info.channels} channels; "
+                         f"the checkpoint's model expects {classes} and {channels}")
+    return evaluate_run(cfg, model.to(device), device, checkpoint=str(sidecar), out=out)
+
+
+def _set_threads(requested, env) -> None:
+    import torch
+    threads = requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(threads)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "report":
+        from .report import results_table
+        try:
+            print(results_table(args.runs))
+        except (ValueError, KeyError) as e:
+            print(f"dist-robust: error: {e}", file=sys.stderr)
+            return RUN_ERROR
+        return 0
+
+    env = dist.read_env()
+    say = lambda msg: print(f"dist-robust: error: {msg}" if env.rank == 0 else
+                            f"dist-robust [rank {env.rank}]: error: {msg}", file=sys.stderr)
+    from .engine.checkpoint import CheckpointError
+    try:  # every user mistake is caught here, before the process group exists
+        if args.command == "train":
+            cfg = load_config(args.config, args.overrides, env.world_size)
+        else:
+            if args.limit is not None and args.limit <= 0:
+                raise ConfigError(f"--limit={args.limit}: must be > 0")
+            cfg, sidecar, out = _eval_config(args, env.world_size)
+    except (ConfigError, CheckpointError) as e:
+        if env.rank == 0:
+            say(e)
+        return USAGE_ERROR
+
+    _set_threads(cfg.train.threads, env)
+    device = dist.pick_device(cfg.run.device, env.local_rank)
+    dist.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
+    dist.setup_logging(env.rank == 0)
+    try:
+        if args.command == "train":
+            from .engine.train import train
+            train(cfg, device)
+        else:
+            _run_eval(cfg, sidecar, out, device)
+    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        say(e)
+        return RUN_ERROR
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Typed run configuration: dataclass sections, YAML recipes, ``section.key=value`` overrides.
+
+Defaults live here, in code. A recipe in ``configs/`` overrides some of them and the command line
+overrides the recipe. Every mistake (an unknown key, a value of the wrong type, an impossible value)
+becomes a ``ConfigError`` whose message is one line naming the key and the value; the CLI turns it
+into exit status 2 before any rank starts training.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override; the message is one line."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"                 # a name from dist_robust.data.DATASETS
+    root: Optional[str] = None          # folder of user-provided data (cifar10, cifar100, svhn, imagefolder)
+    image_size: Optional[int] = None    # imagefolder only: side of the square images
+    subset: Optional[int] = None        # train on a fixed, seeded, stratified subset of this many images
+    batch_size: int = 128               # GLOBAL batch, split evenly over the ranks
+    eval_batch_size: int = 500          # per rank
+    crop_padding: int = 0               # random crop with this zero padding (0: no crop)
+    flip: bool = False                  # random horizontal flip (wrong for digits, right for photos)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn3"                  # a name from dist_robust.models.MODELS
+    init_from: Optional[str] = None     # source checkpoint (.safetensors) or run folder to fine-tune from
+    new_head: bool = True               # fresh head for the target classes (keep the source's if False)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "standard"              # a name from dist_robust.methods.METHODS
+
+
+@dataclass
+class AttackConfig:
+    """The training-time adversary (L-inf PGD); evaluation attacks default to the same eps."""
+    eps: float = 8 / 255
+    step_size: Optional[float] = None   # None: eps / 4 (2/255 at 8/255, the usual choice)
+    steps: int = 10
+    random_start: bool = True
+    bn_mode: str = "eval"               # BN during the attack: eval (modern default) or train (Madry's TF code)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "multistep"         # constant | multistep | cosine, applied per iteration
+    milestones: List[float] = field(default_factory=list)  # multistep: epochs (may be fractional)
+    gamma: float = 0.1                  # multistep factor
+    warmup_epochs: float = 0.0          # linear warm-up from 0, for any schedule
+    final_lr: float = 0.0               # cosine: the lr it ends at
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    resume: str = "auto"                # auto: continue from the last good checkpoint; never: start over
+    log_every: int = 20                 # iterations between log lines
+    threads: Optional[int] = None       # torch threads per rank (None: cores / local ranks)
+
+
+@dataclass
+class EvalConfig:
+    attacks: List[str] = field(default_factory=lambda: ["clean", "pgd-20"])
+    eps: Optional[float] = None         # None: attack.eps
+    split: str = "test"
+    limit: Optional[int] = None         # evaluate the first N points only
+    seed: int = 0                       # random starts are seeded per point from (seed, global index)
+    at_end: bool = True                 # evaluate after training and write results.json
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"               # auto: nccl on CUDA, gloo on CPU
+    timeout_s: int = 1800
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    device: str = "auto"                # auto | cpu | cuda
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    """OmegaConf's messages span several lines with a 'full_key:' trailer; keep key, value and cause."""
+    key = getattr(err, "full_key", None)
+    value = getattr(err, "value", None)
+    cause = str(err).splitlines()[0].strip() if str(err) else type(err).__name__
+    if key and value is not None:
+        return f"{key}={value!r}: {cause}"
+    return f"{key}: {cause}" if key else cause
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:  # YAML scalars and lists: 0.1, true, null, [10, 15]
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: List[str] = (), world_size: int = 1) -> Config:
+    """Defaults <- recipe file <- overrides, then validation. Raises ConfigError (one line)."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} not found")
+        try:
+            recipe = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(recipe, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+        layers.append(OmegaConf.create(recipe))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        for text in overrides:
+            key, value = _parse_override(text)
+            if "." not in key:
+                raise ConfigError(f"override {text!r}: expected section.key=value")
+            if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
+                raise ConfigError(f"{key}={value!r}: unknown key")
+            OmegaConf.update(merged, key, value, merge=False)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    validate(cfg, world_size)
+    return cfg
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Impossible values, caught before any rank starts. Imports are local: config stays light."""
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+    from .schedules import SCHEDULES
+    from .engine.evaluate import parse_attack
+
+    d, a, o, t = cfg.data, cfg.attack, cfg.optim, cfg.train
+    _check(d.name in DATASETS, "data.name", d.name, f"unknown dataset (known: {', '.join(sorted(DATASETS))})")
+    _check(cfg.model.name in MODELS, "model.name", cfg.model.name,
+           f"unknown model (known: {', '.join(sorted(MODELS))})")
+    _check(cfg.method.name in METHODS, "method.name", cfg.method.name,
+           f"unknown method (known: {', '.join(sorted(METHODS))})")
+    _check(d.batch_size >= world_size, "data.batch_size", d.batch_size,
+           f"smaller than the world size ({world_size})")
+    _check(d.batch_size % world_size == 0, "data.batch_size", d.batch_size,
+           f"not divisible by the world size ({world_size})")
+    _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "must be positive")
+    _check(d.subset is None or d.subset > 0, "data.subset", d.subset, "must be positive")
+    _check(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "must be >= 0")
+    _check(a.eps >= 0, "attack.eps", a.eps, "must be >= 0")
+    _check(a.steps > 0, "attack.steps", a.steps, "must be > 0")
+    _check(a.step_size is None or a.step_size > 0, "attack.step_size", a.step_size, "must be > 0")
+    _check(a.bn_mode in ("eval", "train"), "attack.bn_mode", a.bn_mode, "must be eval or train")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"unknown (known: {', '.join(SCHEDULES)})")
+    _check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(all(m > 0 for m in o.milestones), "optim.milestones", o.milestones, "must be positive epochs")
+    _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
+    _check(t.resume in ("auto", "never"), "train.resume", t.resume, "must be auto or never")
+    _check(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
+    _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "must be > 0")
+    _check(cfg.eval.eps is None or cfg.eval.eps >= 0, "eval.eps", cfg.eval.eps, "must be >= 0")
+    _check(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", cfg.eval.limit, "must be > 0")
+    _check(cfg.eval.split in ("train", "test"), "eval.split", cfg.eval.split, "must be train or test")
+    for name in cfg.eval.attacks:
+        try:
+            parse_attack(name)
+        except ValueError as e:
+            raise ConfigError(f"eval.attacks={name!r}: {e}") from None
+    _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", cfg.dist.backend,
+           "must be auto, gloo or nccl")
+    _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
+    _check(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
+           "run.name", cfg.run.name, "must be a plain folder name")
+    if cfg.model.init_from is not None:
+        _check(Path(cfg.model.init_from).exists(), "model.init_from", cfg.model.init_from, "no such file or folder")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a Config from a checkpoint's stored dict (same schema checks as a recipe)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None

@@ -1,0 +1,147 @@
+"""Tensor-resident loaders: the dataset is one uint8 tensor, batches are gathered by index.
+
+No worker processes and no per-image Python: a batch is one indexing operation, and the crop and flip
+are done on the whole batch, on the device. The order of the data depends only on (seed, epoch), so
+every rank computes the same permutation and takes its own slice of each global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .sources import Dataset, stratified_take
+
+
+def _seed(*parts) -> int:
+    """A 63-bit generator seed from a few values; distinct tuples give unrelated streams."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*parts))  # CPU: the same numbers on every device
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> range:
+    """Rank's contiguous block of range(n): sizes differ by at most 1, no padding, no overlap."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255)
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop of zero-padded images, as one gather: [B,C,H,W] -> [B,C,H,W]."""
+    b, _, h, w = x.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=gen).to(x.device)
+    rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, :, None]  # [B,H,1]
+    cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, :]  # [B,1,W]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    padded = F.pad(x, (padding,) * 4).permute(0, 2, 3, 1)  # channels last: index B, H, W together
+    return padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class TrainLoader:
+    """Shuffled, augmented training batches of `batch_size` per rank; the incomplete tail is dropped."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, crop_padding: int = 0, flip: bool = False, device="cpu",
+                 subset: Optional[int] = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if batch_size <= 0 or crop_padding < 0:
+            raise ValueError(f"need batch_size > 0 and crop_padding >= 0, got {batch_size}, {crop_padding}")
+        self.info, self.device = dataset.info, torch.device(device)
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.crop_padding, self.flip, self.epoch = crop_padding, flip, 0
+        images, labels = dataset.images, dataset.labels
+        self.indices = None  # positions in `dataset` of the images used (None: all)
+        if subset is not None and subset < len(dataset):
+            self.indices = torch.from_numpy(self.subset_indices(dataset.labels, subset, seed))
+            images, labels = images[self.indices], labels[self.indices]
+        elif subset is not None and subset > len(dataset):
+            raise ValueError(f"data.subset={subset} is larger than the {len(dataset)} training images")
+        self.images, self.labels = images.to(self.device), labels.to(self.device)  # stays resident
+        self.global_batch = batch_size * world_size
+        if len(self) == 0:
+            raise ValueError(f"{len(self.labels)} training images do not fill one global batch of "
+                             f"{self.global_batch}")
+
+    @staticmethod
+    def subset_indices(labels: torch.Tensor, k: int, seed: int) -> np.ndarray:
+        """Sorted dataset positions of a seeded subset of k images, classes in proportion."""
+        priority = torch.randperm(len(labels), generator=_generator(seed, "subset")).numpy()
+        return stratified_take(labels.numpy(), k, priority)
+
+    @property
+    def num_points(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_points // self.global_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(self.epoch, 0)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """This rank's indices for the epoch, [len(self), batch_size] (into the subset, if any)."""
+        perm = torch.randperm(self.num_points, generator=_generator(self.seed, epoch))
+        batches = perm[:len(self) * self.global_batch].view(len(self), self.world_size, self.batch_size)
+        return batches[:, self.rank]
+
+    def iter_from(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` from `start_batch` on, exactly as an uninterrupted epoch has them."""
+        order = self.epoch_order(epoch).to(self.device)
+        for i in range(start_batch, len(self)):
+            idx = order[i]
+            x = self.images[idx]
+            if self.crop_padding or self.flip:
+                # seeded per batch, so resuming mid-epoch reproduces the same augmentation
+                gen = _generator(self.seed, epoch, self.rank, i)
+                if self.crop_padding:
+                    x = random_crop(x, self.crop_padding, gen)
+                if self.flip:
+                    x = random_flip(x, gen)
+            yield _to_float(x), self.labels[idx]
+
+
+class EvalLoader:
+    """This rank's exact shard of the first `limit` points (None or 0: all), in order, the last partial
+    batch included."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 device="cpu", limit: Optional[int] = None):
+        if batch_size <= 0:
+            raise ValueError(f"eval batch size must be positive, got {batch_size}")
+        n = min(limit, len(dataset)) if limit else len(dataset)  # None or 0: everything
+        self.shard = shard_indices(n, rank, world_size)
+        self.batch_size, self.num_points = batch_size, len(self.shard)
+        device = torch.device(device)
+        # a contiguous slice: a view on CPU, one copy on an accelerator
+        self.images = dataset.images[self.shard.start:self.shard.stop].to(device)
+        self.labels = dataset.labels[self.shard.start:self.shard.stop].to(device)
+
+    def __len__(self) -> int:
+        return -(-self.num_points // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.num_points, self.batch_size):
+            stop = start + self.batch_size
+            yield _to_float(self.images[start:stop]), self.labels[start:stop]

@@ -1,0 +1,1 @@
+"""Training loop, exact sharded evaluation and checkpoints."""

@@ -1,0 +1,177 @@
+"""Checkpoints: plain safetensors plus a JSON sidecar, written atomically, verified by hash.
+
+A checkpoint ``checkpoints/epoch_0003`` is three files:
+  epoch_0003.safetensors        the unwrapped model state_dict (plain keys: usable by eval and fine-tuning)
+  epoch_0003.train.safetensors  the optimizer's tensors (momentum buffers), for exact resume
+  epoch_0003.json               the sidecar: resolved config, epoch, step, per-rank RNG states, optimizer
+                                hyper-parameters, metrics and the sha256 of both tensor files
+Each file goes to a temp name, is fsynced and renamed; the sidecar comes last, so a checkpoint
+without a sidecar is incomplete by construction and a corrupted tensor file fails its hash.
+Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load as st_load, save as st_save
+
+FORMAT = "dist_robust.checkpoint/1"
+log = logging.getLogger("dist_robust")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or fails its hash; the message is one line."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rng_state() -> dict:
+    """This rank's torch RNG states, JSON-safe (the attack's random start draws from them)."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    decode = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    torch.set_rng_state(decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(decode(state["cuda"]))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON (the rest)."""
+    sd = opt.state_dict()
+    tensors, plain = {}, {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "state": plain}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["state"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(folder: Path, stem: str, model_state: dict, sidecar: dict,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> Path:
+    """Write ``stem``'s files into ``folder`` (rank 0 only). Returns the sidecar path."""
+    folder = Path(folder)
+    model_bytes = st_save({k: v.detach().cpu().contiguous() for k, v in model_state.items()})
+    meta = dict(sidecar, format=FORMAT, model_file=f"{stem}.safetensors",
+                sha256={"model": sha256(model_bytes)})
+    if optimizer is not None:
+        tensors, opt_meta = _optimizer_tensors(optimizer)
+        train_bytes = st_save(tensors)
+        meta.update(train_file=f"{stem}.train.safetensors", optimizer=opt_meta)
+        meta["sha256"]["train"] = sha256(train_bytes)
+        atomic_write(folder / meta["train_file"], train_bytes)
+    atomic_write(folder / meta["model_file"], model_bytes)
+    atomic_write(folder / f"{stem}.json", json.dumps(meta, indent=1).encode())
+    return folder / f"{stem}.json"
+
+
+def _read_verified(folder: Path, name: str, expected: str) -> bytes:
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    data = path.read_bytes()
+    if sha256(data) != expected:
+        raise CheckpointError(f"checkpoint file {path} fails its sha256 check (truncated or corrupted)")
+    return data
+
+
+def read_sidecar(sidecar_path: Path) -> dict:
+    try:
+        meta = json.loads(Path(sidecar_path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint sidecar {sidecar_path} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar_path} is not a dist_robust checkpoint sidecar")
+    return meta
+
+
+def load_checkpoint(path: str | Path, optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[dict, dict]:
+    """Load and verify a checkpoint. ``path`` may be the sidecar, the model .safetensors, a
+    checkpoints folder or a run folder (its exported model, else its last good checkpoint).
+    Returns (model_state, sidecar); restores the optimizer when one is given."""
+    sidecar = resolve(path)
+    meta = read_sidecar(sidecar)
+    state = st_load(_read_verified(sidecar.parent, meta["model_file"], meta["sha256"]["model"]))
+    if optimizer is not None:
+        if "train_file" not in meta:
+            raise CheckpointError(f"{sidecar} holds no optimizer state (an exported model?)")
+        tensors = st_load(_read_verified(sidecar.parent, meta["train_file"], meta["sha256"]["train"]))
+        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    return state, meta
+
+
+def resolve(path: str | Path) -> Path:
+    """The sidecar a user's path stands for (see load_checkpoint)."""
+    p = Path(path)
+    if p.suffix == ".json" and p.is_file():
+        return p
+    if p.name.endswith(".safetensors"):
+        sidecar = p.with_name(p.name[: -len(".safetensors")] + ".json")
+        if sidecar.is_file():
+            return sidecar
+        raise CheckpointError(f"checkpoint {p} has no sidecar {sidecar.name}" if p.exists()
+                              else f"checkpoint {p} not found")
+    if p.is_dir():
+        if (p / "model.json").is_file():
+            return p / "model.json"
+        found = last_good(p / "checkpoints" if (p / "checkpoints").is_dir() else p)
+        if found is not None:
+            return found
+        raise CheckpointError(f"no complete checkpoint in {p}")
+    raise CheckpointError(f"checkpoint {p} not found")
+
+
+def last_good(folder: Path) -> Optional[Path]:
+    """The newest epoch checkpoint in ``folder`` whose files pass their hashes; bad ones are
+    reported and skipped, so a corrupted latest checkpoint falls back to the one before."""
+    for sidecar in sorted(Path(folder).glob("epoch_*.json"), reverse=True):
+        try:
+            meta = read_sidecar(sidecar)
+            _read_verified(sidecar.parent, meta["model_file"], meta["sha256"]["model"])
+            if "train_file" in meta:
+                _read_verified(sidecar.parent, meta["train_file"], meta["sha256"]["train"])
+            return sidecar
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+    return None

@@ -1,0 +1,19 @@
+"""Training methods: each prepares the model, computes the loss of a batch, and exports the model.
+
+A method never touches the loader or the process group, and the engine never knows which method runs.
+"""
+from .base import Method
+from .pgd_at import PGDAdversarialTraining
+from .standard import StandardTraining
+
+METHODS: dict[str, type[Method]] = {
+    "standard": StandardTraining,   # clean CE: training from scratch or fine-tuning
+    "pgd_at": PGDAdversarialTraining,  # Madry et al.: CE on L-inf PGD examples
+}
+
+
+def build_method(cfg) -> Method:
+    return METHODS[cfg.method.name](cfg)
+
+
+__all__ = ["METHODS", "Method", "build_method"]

@@ -1,0 +1,73 @@
+"""Config: defaults <- recipe <- overrides; every bad value exits with status 2 and one line naming it."""
+import subprocess
+import sys
+
+import pytest
+
+from dist_robust.cli import main
+from dist_robust.config import ConfigError, load_config
+
+RECIPE = "configs/quickstart.yaml"
+
+
+def test_recipe_and_overrides_resolve():
+    cfg = load_config(RECIPE, ["optim.lr=0.05", "attack.eps=0.2", "optim.milestones=[1, 2.5]", "train.epochs=3"])
+    assert cfg.optim.lr == 0.05 and cfg.attack.eps == 0.2 and cfg.train.epochs == 3
+    assert cfg.optim.milestones == [1, 2.5]
+
+
+BAD = [
+    (["optim.lrr=0.1"], "optim.lrr"),                 # unknown key
+    (["nosuch.key=1"], "nosuch.key"),                 # unknown section
+    (["train.epochs=many"], "train.epochs"),          # wrong type
+    (["data.flip=maybe"], "data.flip"),               # wrong type
+    (["attack.eps=-0.1"], "attack.eps"),              # negative eps
+    (["attack.steps=0"], "attack.steps"),             # zero steps
+    (["optim.lr=0"], "optim.lr"),                     # lr <= 0
+    (["optim.lr=-1"], "optim.lr"),
+    (["data.name=imagenet22k"], "data.name"),         # unknown dataset
+    (["model.name=vit_huge"], "model.name"),          # unknown model
+    (["eval.attacks=[clean,pgd-0]"], "eval.attacks"),  # impossible attack
+    (["model.init_from=/no/such/ckpt"], "model.init_from"),
+    (["noequals"], "noequals"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD)
+def test_bad_values_exit_2_with_one_line(overrides, key, capsys):
+    assert main(["train", RECIPE, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert key in err
+    value = overrides[0].split("=", 1)[1] if "=" in overrides[0] else None
+    if value:
+        assert value.strip("[]").split(",")[-1] in err
+
+
+def test_batch_smaller_than_world_size_is_refused(monkeypatch, capsys):
+    # The environment torchrun would set for rank 0 of 4; validation happens before any process group.
+    for k, v in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["train", RECIPE, "data.batch_size=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.batch_size=2" in err and "world size (4)" in err and len(err.splitlines()) == 1
+
+
+def test_missing_and_malformed_recipes(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(str(typo))
+
+
+def test_console_entry_exits_2():
+    r = subprocess.run([sys.executable, "-m", "dist_robust", "train", RECIPE, "attack.eps=-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "attack.eps=-1" in r.stderr

@@ -1,0 +1,96 @@
+"""Real 2-process gloo groups: exact sharded evaluation and DDP training agree with one rank."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from conftest import run_ranks
+from dist_robust import config
+from dist_robust.data import load_dataset
+from dist_robust.engine.evaluate import evaluate
+from dist_robust.methods import build_method
+from dist_robust.models import build_model
+
+
+def _model():
+    info = load_dataset("digits", "test").info
+    torch.manual_seed(1)
+    return build_model("cnn3", info.channels, info.num_classes, info.mean, info.std)
+
+
+def _eval_worker(rank, world, out_dir):
+    res = evaluate(_model(), load_dataset("digits", "test"), ["clean", "pgd-5"], eps=0.2, batch_size=16,
+                   device=torch.device("cpu"), limit=101)
+    if rank == 0:
+        with open(os.path.join(out_dir, f"eval{world}.json"), "w") as f:
+            json.dump(res, f)
+
+
+def test_two_ranks_count_exactly_what_one_rank_counts_on_an_odd_set(tmp_path):
+    run_ranks(_eval_worker, 1, str(tmp_path))
+    run_ranks(_eval_worker, 2, str(tmp_path))
+    one, two = (json.loads((tmp_path / f"eval{w}.json").read_text()) for w in (1, 2))
+    assert one["n"] == two["n"] == 101
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["clean"]["correct"] == two["clean"]["correct"]
+    assert one["attacks"]["pgd-5"]["correct"] == two["attacks"]["pgd-5"]["correct"]
+
+
+def _ddp_step_worker(rank, world, out_dir):
+    cfg = config.load_config("configs/quickstart.yaml", ["data.name=digits", "attack.eps=0.1", "attack.steps=2"])
+    model = _model()
+    ddp = DDP(model)
+    ds = load_dataset("digits", "train")
+    torch.manual_seed(100 + rank)  # different data and attack noise per rank, as in training
+    idx = torch.randperm(len(ds))[:16]
+    x, y = ds.images[idx].float() / 255, ds.labels[idx]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss, _ = build_method(cfg).loss(ddp, x, y)
+    loss.backward()
+    opt.step()
+    # Parameters only: BN running statistics are per rank between forwards (DDP broadcasts rank 0's
+    # at the start of each forward, then every rank updates them with its own batch).
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        start = torch.cat([p.detach().flatten() for p in _model().parameters()])
+        torch.save({"same": all(torch.equal(gathered[0], g) for g in gathered),
+                    "moved": not torch.equal(start, flat)}, os.path.join(out_dir, "ddp.pt"))
+
+
+def test_parameters_identical_on_both_ranks_after_a_ddp_step(tmp_path):
+    run_ranks(_ddp_step_worker, 2, str(tmp_path))
+    out = torch.load(tmp_path / "ddp.pt")
+    assert out["moved"], "the step changed nothing"
+    assert out["same"]
+
+
+def test_torchrun_train_then_eval_on_one_and_two_ranks(tmp_path, tiny):
+    """The CLI end to end under torchrun: 2 ranks train, results.json has the exact n; evaluating
+    the same checkpoint on 1 rank and on 2 ranks gives identical counts."""
+    run = ["-m", "dist_robust"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["train", "configs/quickstart.yaml", *tiny, f"run.out_dir={tmp_path}", "run.name=t"]
+    r = subprocess.run(torchrun + run + args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert res["n"] == 101 and res["world_size"] == 2
+    assert set(res) >= {"dataset", "split", "n", "world_size", "clean", "attacks", "checkpoint", "config"}
+    assert set(res["attacks"]["pgd-3"]) >= {"correct", "acc", "eps", "norm", "steps"}
+    assert (tmp_path / "t" / "config.yaml").is_file() and (tmp_path / "t" / "log.jsonl").is_file()
+    ev = ["eval", "--checkpoint", str(tmp_path / "t"), "--dataset", "digits", "--limit", "101",
+          "--attacks", "clean,pgd-3", "--batch-size", "16"]
+    one = subprocess.run([sys.executable] + run + ev + ["--out", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run(torchrun + run + ev + ["--out", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert (a["world_size"], b["world_size"]) == (1, 2) and a["n"] == b["n"] == 101
+    assert a["clean"] == {**b["clean"], "time_s": a["clean"]["time_s"]}
+    assert a["attacks"]["pgd-3"]["correct"] == b["attacks"]["pgd-3"]["correct"] == res["attacks"]["pgd-3"]["correct"]
