@@ -70,11 +70,12 @@ class TrainLoader:
         self.crop_padding, self.flip, self.epoch = crop_padding, flip, 0
         images, labels = dataset.images, dataset.labels
         self.indices = None  # positions in `dataset` of the images used (None: all)
+        # a subset at least as large as the data is the whole data, so one recipe fits every dataset
         if subset is not None and subset < len(dataset):
+            if subset <= 0:
+                raise ValueError(f"data.subset must be positive, got {subset}")
             self.indices = torch.from_numpy(self.subset_indices(dataset.labels, subset, seed))
             images, labels = images[self.indices], labels[self.indices]
-        elif subset is not None and subset > len(dataset):
-            raise ValueError(f"data.subset={subset} is larger than the {len(dataset)} training images")
         self.images, self.labels = images.to(self.device), labels.to(self.device)  # stays resident
         self.global_batch = batch_size * world_size
         if len(self) == 0:

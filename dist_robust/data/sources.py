@@ -10,6 +10,7 @@ so they never change with a library version, a global seed or the order of the f
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import hashlib
@@ -81,9 +82,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        **{(mod, name): getattr(src, name)
-           for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
-           for name, src in (("_reconstruct", _np_multiarray), ("scalar", _np_multiarray))},
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
+        **{(mod, name): getattr(_np_multiarray, name)
+           for mod in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")},
         **{(mod, "_frombuffer"): _np_numeric._frombuffer  # protocol-5 arrays
            for mod in ("numpy.core.numeric", "numpy._core.numeric")},
     }
@@ -245,6 +246,8 @@ def _cifar_python(folder: Path, files: list[str], label_key: str):
 def _cifar_binary(folder: Path, files: list[str], label_bytes: int):
     """Records: label byte(s) (CIFAR-100: coarse, fine) then 3072 bytes R, G, B planes."""
     raw = np.concatenate([np.fromfile(folder / f, dtype=np.uint8) for f in files])
+    if raw.size % (label_bytes + 3072):
+        raise ValueError(f"{folder}: {files} are not whole {label_bytes + 3072}-byte CIFAR records")
     rec = raw.reshape(-1, label_bytes + 3072)
     return rec[:, label_bytes:].reshape(-1, 3, 32, 32).copy(), rec[:, label_bytes - 1].astype(np.int64)
 
@@ -356,8 +359,6 @@ def _normalize(name: str, root, image_size) -> tuple[Source, Optional[str], Opti
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
     src = DATASETS[name]
-    if src.info.needs_root and root is None:
-        raise ValueError(f"dataset {name!r} reads user files: pass data.root=<folder with them>")
     if root is not None and (src.info.needs_root or src.uses_root):
         root = str(Path(root).expanduser().resolve())
         if not Path(root).is_dir():
@@ -373,9 +374,15 @@ def _normalize(name: str, root, image_size) -> tuple[Source, Optional[str], Opti
     return src, root, image_size
 
 
+def _require_root(name: str, root: Optional[str]) -> None:
+    if root is None:
+        raise ValueError(f"dataset {name!r} reads user files: pass data.root=<folder with them>")
+
+
 def dataset_info(name: str, root: Optional[str] = None, image_size: Optional[int] = None) -> DatasetInfo:
     src, root, image_size = _normalize(name, root, image_size)
     if name == "imagefolder":
+        _require_root(name, root)
         return DatasetInfo(name, 3, image_size, len(_image_classes(Path(root))), *_IMAGENET, True)
     return src.info
 
@@ -403,7 +410,9 @@ def load_dataset(name: str, split: str = "train", root: Optional[str] = None,
     """The split as uint8 tensors, cached in-process: callers must not mutate them."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (use 'train' or 'test')")
-    _, root, image_size = _normalize(name, root, image_size)
+    src, root, image_size = _normalize(name, root, image_size)
+    if src.info.needs_root:
+        _require_root(name, root)
     return _load(name, split, root, image_size)
 
 

@@ -82,7 +82,8 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg).encode())
     journal = JsonlLog(run_dir / "log.jsonl" if dist.is_main() else None)
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    train_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+                   if world > 1 else model)
     log.info("%s: %s on %s (%d images, %d ranks, %d steps/epoch), method %s, device %s", cfg.run.name,
              cfg.model.name, cfg.data.name, loader.num_points, world, steps_per_epoch, cfg.method.name, device)
 

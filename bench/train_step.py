@@ -1,0 +1,90 @@
+"""Cost of an adversarial training step against the bound, in one run on one machine.
+
+    .venv/bin/python bench/train_step.py [--models cnn3,resnet_small] [--batch 128] [--steps 5] [--repeats 15]
+
+For each model: a clean training step (fwd + bwd + SGD), one PGD step (fwd + input-gradient bwd), and a
+PGD-k adversarial training step (k PGD steps + a training step), all on the same batch. Reported:
+  attack step cost = PGD step / clean step           (bound ~0.67: input-only gradients skip weight grads)
+  AT step overhead = AT step / ((2k+3)/3 x clean)   (target <= 1.1)
+Medians over repeats after warm-up, with min and max. Writes bench/results/train_step.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dist_robust.attacks import pgd_linf  # noqa: E402
+from dist_robust.models import build_model  # noqa: E402
+
+
+def timed(fn, repeats: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def bench_model(name: str, batch: int, k: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(name, 1, 10, [0.5], [0.25])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+    def clean_step(inputs=x):
+        model.train()
+        loss = F.cross_entropy(model(inputs), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def pgd_step():
+        pgd_linf(model, x, y, eps=0.1, steps=1)
+
+    def at_step():
+        clean_step(pgd_linf(model, x, y, eps=0.1, steps=k))
+
+    clean, pgd, at = (timed(f, repeats) for f in (clean_step, pgd_step, at_step))
+    return {"model": name, "batch": batch, "k": k, "clean_step": clean, "pgd_step": pgd, "at_step": at,
+            "attack_step_cost": pgd["median_s"] / clean["median_s"],
+            "at_step_overhead": at["median_s"] / ((2 * k + 3) / 3 * clean["median_s"])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="cnn3,resnet_small")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [bench_model(m, args.batch, args.steps, args.repeats) for m in args.models.split(",")]
+    print(f"| model | batch | clean step ms | PGD step ms | PGD-{args.steps} AT step ms | attack step cost | AT overhead |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {1e3 * r['clean_step']['median_s']:.1f} | "
+              f"{1e3 * r['pgd_step']['median_s']:.1f} | {1e3 * r['at_step']['median_s']:.1f} | "
+              f"{r['attack_step_cost']:.2f} | {r['at_step_overhead']:.2f} |")
+    out = Path(__file__).parent / "results" / "train_step.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "machine": platform.node(),
+                               "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+                               "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
