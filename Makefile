@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 NPROC ?= 2
-TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dist_robust train
+TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dist_robust train
 
 .PHONY: install demo test bench clean
 

@@ -184,6 +184,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"unknown model (known: {', '.join(sorted(MODELS))})")
     _check(cfg.method.name in METHODS, "method.name", cfg.method.name,
            f"unknown method (known: {', '.join(sorted(METHODS))})")
+    if DATASETS[d.name].info.needs_root:
+        _check(d.root is not None and Path(d.root).expanduser().is_dir(), "data.root", d.root,
+               f"dataset {d.name} reads user files: a folder that holds them is required")
     _check(d.batch_size >= world_size, "data.batch_size", d.batch_size,
            f"smaller than the world size ({world_size})")
     _check(d.batch_size % world_size == 0, "data.batch_size", d.batch_size,

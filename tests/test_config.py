@@ -1,6 +1,7 @@
 """Config: defaults <- recipe <- overrides; every bad value exits with status 2 and one line naming it."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,8 @@ BAD = [
     (["eval.attacks=[clean,pgd-0]"], "eval.attacks"),  # impossible attack
     (["model.init_from=/no/such/ckpt"], "model.init_from"),
     (["noequals"], "noequals"),
+    (["data.name=cifar10"], "data.root"),           # user data without a folder
+    (["data.name=cifar10", "data.root=/no/such/dir"], "data.root"),
 ]
 
 
@@ -39,7 +42,7 @@ def test_bad_values_exit_2_with_one_line(overrides, key, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert key in err
-    value = overrides[0].split("=", 1)[1] if "=" in overrides[0] else None
+    value = overrides[-1].split("=", 1)[1] if "=" in overrides[-1] else None
     if value:
         assert value.strip("[]").split(",")[-1] in err
 
@@ -66,8 +69,9 @@ def test_missing_and_malformed_recipes(tmp_path):
         load_config(str(typo))
 
 
-def test_console_entry_exits_2():
-    r = subprocess.run([sys.executable, "-m", "dist_robust", "train", RECIPE, "attack.eps=-1"],
-                       capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("program", [[sys.executable, "-m", "dist_robust"],
+                                     [str(Path(sys.executable).with_name("dist-robust"))]])
+def test_console_entries_exit_2(program):
+    r = subprocess.run(program + ["train", RECIPE, "attack.eps=-1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "attack.eps=-1" in r.stderr
