@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _eval_config(args, world_size: int):
+def _eval_config(args):
     """The checkpoint's stored config, with the evaluation settings of the command line."""
     from .engine.checkpoint import read_sidecar, resolve
     sidecar = resolve(args.checkpoint)
@@ -54,9 +54,7 @@ def _eval_config(args, world_size: int):
     cfg.eval.eps = args.eps
     if args.batch_size is not None:
         cfg.data.eval_batch_size = args.batch_size
-    cfg.data.batch_size = max(cfg.data.batch_size, world_size)  # training batch: irrelevant here
-    cfg.data.batch_size -= cfg.data.batch_size % world_size
-    validate(cfg, world_size)
+    validate(cfg)  # world size 1: the only world-size check concerns the training batch, unused here
     out = Path(args.out) if args.out else sidecar.parent / f"eval-{args.dataset}-{args.split}.json"
     return cfg, sidecar, out
 
@@ -103,7 +101,7 @@ def main(argv=None) -> int:
         else:
             if args.limit is not None and args.limit <= 0:
                 raise ConfigError(f"--limit={args.limit}: must be > 0")
-            cfg, sidecar, out = _eval_config(args, env.world_size)
+            cfg, sidecar, out = _eval_config(args)
     except (ConfigError, CheckpointError) as e:
         if env.rank == 0:
             say(e)

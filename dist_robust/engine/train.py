@@ -64,9 +64,6 @@ def train(cfg: Config, device: torch.device) -> dict | None:
                          crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, device=device,
                          subset=cfg.data.subset)
     steps_per_epoch, epochs = len(loader), cfg.train.epochs
-    if steps_per_epoch == 0:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
-                         f"({loader.num_points} images): no full batch")
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # each rank draws its own attack noise
     start_epoch, step = 0, 0
     sidecar = last_good(ckpt_dir) if cfg.train.resume == "auto" and ckpt_dir.is_dir() else None
@@ -82,8 +79,10 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg).encode())
     journal = JsonlLog(run_dir / "log.jsonl" if dist.is_main() else None)
-    train_model = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-                   if world > 1 else model)
+    # The training forward goes through DDP; attacks use the unwrapped `model`. Gradients as views of
+    # DDP's buckets save a copy per step (and avoid its stride warning on 1-channel convs).
+    train_model = model if world == 1 else DDP(
+        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     log.info("%s: %s on %s (%d images, %d ranks, %d steps/epoch), method %s, device %s", cfg.run.name,
              cfg.model.name, cfg.data.name, loader.num_points, world, steps_per_epoch, cfg.method.name, device)
 
