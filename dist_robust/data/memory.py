@@ -47,7 +47,9 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, :]  # [B,1,W]
     batch = torch.arange(b, device=x.device)[:, None, None]
     padded = F.pad(x, (padding,) * 4).permute(0, 2, 3, 1)  # channels last: index B, H, W together
-    return padded[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+    # clone, not contiguous(): with one channel the permuted view already counts as contiguous but
+    # keeps channels-last strides, which makes conv weight grads channels-last (and DDP warn).
+    return padded[batch, rows, cols].permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
