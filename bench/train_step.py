@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dist_robust.attacks import pgd_linf  # noqa: E402
+from dist_robust.attacks import pgd  # noqa: E402
 from dist_robust.models import build_model  # noqa: E402
 
 
@@ -52,10 +52,10 @@ def bench_model(name: str, batch: int, k: int, repeats: int) -> dict:
         opt.step()
 
     def pgd_step():
-        pgd_linf(model, x, y, eps=0.1, steps=1)
+        pgd(model, x, y, 0.1, 1, compile="off")
 
     def at_step():
-        clean_step(pgd_linf(model, x, y, eps=0.1, steps=k))
+        clean_step(pgd(model, x, y, 0.1, k, compile="off"))
 
     clean, pgd, at = (timed(f, repeats) for f in (clean_step, pgd_step, at_step))
     return {"model": name, "batch": batch, "k": k, "clean_step": clean, "pgd_step": pgd, "at_step": at,

@@ -30,9 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="model .safetensors, its .json sidecar, or a run folder")
     e.add_argument("--dataset", required=True)
     e.add_argument("--split", default="test", choices=["train", "test"])
-    e.add_argument("--limit", type=int, default=None, help="evaluate the first N points")
-    e.add_argument("--attacks", default="clean,pgd-20", help="comma-separated: clean, pgd-K")
-    e.add_argument("--eps", type=float, default=None, help="L-inf radius (default: the checkpoint's attack.eps)")
+    e.add_argument("--limit", "--n-ex", type=int, default=None, help="evaluate the first N points")
+    e.add_argument("--attacks", default="clean,pgd-20", help="comma-separated: clean, pgd-K, cw-K, aa")
+    e.add_argument("--eps", type=float, default=None, help="radius (default: the checkpoint's attack.eps)")
+    e.add_argument("--norm", default=None, choices=["Linf", "L2"], help="default: the checkpoint's attack.norm")
+    e.add_argument("--restarts", type=int, default=1, help="pgd-K / cw-K: worst case over this many starts")
+    e.add_argument("--compile", default=None, choices=["on", "off", "auto"], help="fused PGD step")
     e.add_argument("--batch-size", type=int, default=None, help="per-rank evaluation batch")
     e.add_argument("--root", default=None, help="data folder for user-provided datasets")
     e.add_argument("--seed", type=int, default=0, help="seed of the per-point random starts")
@@ -51,7 +54,9 @@ def _eval_config(args):
     cfg.model.init_from = None
     cfg.eval.split, cfg.eval.limit, cfg.eval.seed = args.split, args.limit, args.seed
     cfg.eval.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    cfg.eval.eps = args.eps
+    cfg.eval.eps, cfg.eval.norm, cfg.eval.restarts = args.eps, args.norm, args.restarts
+    if args.compile is not None:
+        cfg.attack.compile = args.compile
     if args.batch_size is not None:
         cfg.data.eval_batch_size = args.batch_size
     validate(cfg)  # world size 1: the only world-size check concerns the training batch, unused here

@@ -47,12 +47,18 @@ class MethodConfig:
 
 @dataclass
 class AttackConfig:
-    """The training-time adversary (L-inf PGD); evaluation attacks default to the same eps."""
+    """The training-time adversary; evaluation attacks default to the same eps and norm."""
     eps: float = 8 / 255
+    norm: str = "Linf"                  # Linf | L2
+    loss: str = "ce"                    # ce | cw | kl (the TRADES adversary)
     step_size: Optional[float] = None   # None: eps / 4 (2/255 at 8/255, the usual choice)
-    steps: int = 10
-    random_start: bool = True
+    steps: int = 10                     # 1 with random_start: FGSM-RS (fast AT)
+    random_start: bool = True           # uniform in the L-inf ball; random direction and radius for L2
+    restarts: int = 1                   # > 1: each point keeps its worst case
     bn_mode: str = "eval"               # BN during the attack: eval (modern default) or train (Madry's TF code)
+    compile: str = "auto"               # fused torch.compile step: on | off | auto (CUDA only, see attacks/fused.py)
+    precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast, CUDA only)
+    channels_last: bool = False         # attack inputs in channels_last memory format
 
 
 @dataclass
@@ -81,6 +87,8 @@ class TrainConfig:
 class EvalConfig:
     attacks: List[str] = field(default_factory=lambda: ["clean", "pgd-20"])
     eps: Optional[float] = None         # None: attack.eps
+    norm: Optional[str] = None          # None: attack.norm (for pgd-K, cw-K and aa)
+    restarts: int = 1                   # pgd-K / cw-K: worst case over this many random starts
     split: str = "test"
     limit: Optional[int] = None         # evaluate the first N points only
     seed: int = 0                       # random starts are seeded per point from (seed, global index)
@@ -176,6 +184,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from .methods import METHODS
     from .models import MODELS
     from .schedules import SCHEDULES
+    from .attacks.pgd import LOSSES, NORMS
     from .engine.evaluate import parse_attack
 
     d, a, o, t = cfg.data, cfg.attack, cfg.optim, cfg.train
@@ -198,6 +207,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(a.steps > 0, "attack.steps", a.steps, "must be > 0")
     _check(a.step_size is None or a.step_size > 0, "attack.step_size", a.step_size, "must be > 0")
     _check(a.bn_mode in ("eval", "train"), "attack.bn_mode", a.bn_mode, "must be eval or train")
+    _check(a.norm in NORMS, "attack.norm", a.norm, f"must be one of {', '.join(NORMS)}")
+    _check(a.loss in LOSSES, "attack.loss", a.loss, f"must be one of {', '.join(LOSSES)}")
+    _check(a.restarts > 0, "attack.restarts", a.restarts, "must be > 0")
+    _check(a.compile in ("on", "off", "auto"), "attack.compile", a.compile, "must be on, off or auto")
+    _check(a.precision in ("fp32", "bf16", "fp16"), "attack.precision", a.precision, "must be fp32, bf16 or fp16")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
@@ -210,6 +224,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
     _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "must be > 0")
     _check(cfg.eval.eps is None or cfg.eval.eps >= 0, "eval.eps", cfg.eval.eps, "must be >= 0")
+    _check(cfg.eval.norm is None or cfg.eval.norm in NORMS, "eval.norm", cfg.eval.norm,
+           f"must be one of {', '.join(NORMS)}")
+    _check(cfg.eval.restarts > 0, "eval.restarts", cfg.eval.restarts, "must be > 0")
     _check(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", cfg.eval.limit, "must be > 0")
     _check(cfg.eval.split in ("train", "test"), "eval.split", cfg.eval.split, "must be train or test")
     for name in cfg.eval.attacks:

@@ -1,4 +1,11 @@
-"""Adversarial attacks (the attack engine issue deepens this package)."""
-from .pgd import attack_mode, pgd_linf
+"""Adversarial attacks: the PGD family (pgd.py), its fused step (fused.py) and AutoAttack (autoattack.py)."""
+from .pgd import LOSSES, NORMS, attack_loss, attack_mode, cw_margin, pgd, pgd_linf, random_start
 
-__all__ = ["attack_mode", "pgd_linf"]
+__all__ = ["LOSSES", "NORMS", "attack_loss", "attack_mode", "attack_kwargs", "cw_margin", "pgd", "pgd_linf", "random_start"]
+
+
+def attack_kwargs(attack_cfg) -> dict:
+    """pgd() keyword arguments from an AttackConfig (everything but eps and steps)."""
+    a = attack_cfg
+    return dict(norm=a.norm, loss=a.loss, step_size=a.step_size, random_init=a.random_start, restarts=a.restarts,
+                bn_mode=a.bn_mode, compile=a.compile, precision=a.precision, channels_last=a.channels_last)

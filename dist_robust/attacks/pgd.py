@@ -1,15 +1,17 @@
-"""L-inf PGD: the one place attacks live.
+"""The PGD family: L-inf and L2, CE / CW / KL / custom losses, targeted or not, random starts and
+restarts. FGSM with a random start (fast AT) is the one-step case. This is the one place attacks live.
 
 The attack runs on the *unwrapped* model (never through DDP: a wrapped forward arms the reducer for a
 backward that never comes) inside ``attack_mode``, which puts BN in eval mode (batch statistics must
-not see adversarial batches), turns parameter gradients off, and restores both by construction, even
-when the attack raises. Gradients are taken with ``torch.autograd.grad`` with respect to the
-perturbation only, so no weight-gradient work is done and no parameter ``.grad`` is touched.
+not see adversarial batches), turns parameter gradients off, selects a BN branch where a model has
+several, and restores all of it by construction, even when the attack raises. Gradients are taken
+with respect to the perturbation only, so no weight-gradient work is done and no ``.grad`` is touched.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,54 +19,188 @@ from torch import nn
 
 from ..dist import unwrap
 
+NORMS = ("Linf", "L2")
+LOSSES = ("ce", "cw", "kl")
+# A custom loss: loss_fn(net, x_adv, y) -> per-sample losses [B] to maximise (pretext tasks use it).
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- attack mode
+
+def _branch_modules(net: nn.Module) -> list[nn.Module]:
+    """Modules with several BN branches expose ``bn_branches`` (allowed names) and ``bn_branch``."""
+    return [m for m in net.modules() if hasattr(m, "bn_branches")]
+
 
 @contextmanager
-def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
-    """Yield the unwrapped model ready to be attacked; restore every module's mode and every
-    parameter's requires_grad flag on exit."""
+def attack_mode(model: nn.Module, bn_mode: str = "eval", bn_branch: Optional[str] = None) -> Iterator[nn.Module]:
+    """Yield the unwrapped model ready to be attacked; restore every module's mode, every
+    parameter's requires_grad flag and every BN branch on exit."""
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"bn_mode must be eval or train, got {bn_mode!r}")
     net = unwrap(model)
+    branched = _branch_modules(net) if bn_branch is not None else []
+    if bn_branch is not None:
+        if not branched:
+            raise ValueError(f"bn_branch={bn_branch!r} but the model has no module with several BN branches")
+        bad = [m for m in branched if bn_branch not in m.bn_branches]
+        if bad:
+            raise ValueError(f"bn_branch={bn_branch!r} is not one of {tuple(bad[0].bn_branches)}")
     modes = [(m, m.training) for m in net.modules()]
     flags = [(p, p.requires_grad) for p in net.parameters()]
+    branches = [(m, m.bn_branch) for m in branched]
     try:
         net.train(bn_mode == "train")
         for p, _ in flags:
             p.requires_grad_(False)
+        for m in branched:
+            m.bn_branch = bn_branch
         yield net
     finally:
         for m, was_training in modes:
             m.training = was_training
         for p, flag in flags:
             p.requires_grad_(flag)
+        for m, branch in branches:
+            m.bn_branch = branch
 
 
-def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-             step_size: Optional[float] = None, random_start: bool = True, bn_mode: str = "eval",
-             noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Untargeted L-inf PGD on cross-entropy. Returns x + delta with ||delta||_inf <= eps and
-    x + delta in [0, 1], detached.
+# ---------------------------------------------------------------- losses (per sample, to maximise)
 
-    noise: optional start in [-1, 1]^shape(x) (scaled by eps); the evaluator passes one seeded per
-    point so results do not depend on how points are split over ranks. Default: torch's RNG.
+def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+    """max_{j != y} z_j - z_y (Carlini-Wagner margin), capped at kappa: positive once the point is
+    fooled, and the attack stops pushing a point fooled with confidence kappa."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return (other - true).clamp(max=kappa)
+
+
+def attack_loss(kind: Union[str, LossFn], net: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
+                targeted: bool = False, clean_log_probs: Optional[torch.Tensor] = None,
+                kappa: float = 0.0) -> torch.Tensor:
+    """Per-sample loss the attack ascends. Targeted attacks take y as the target and descend
+    towards it (CE of the target, negated; CW margin of the target)."""
+    if callable(kind):
+        return kind(net, x_adv, y)
+    logits = net(x_adv)
+    if kind == "ce":
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return -ce if targeted else ce
+    if kind == "cw":
+        margin = cw_margin(logits, y, kappa)
+        return -margin if targeted else margin
+    if kind == "kl":  # the TRADES adversary: KL(f(x) || f(x')), summed over classes
+        return F.kl_div(F.log_softmax(logits, 1), clean_log_probs, reduction="none", log_target=True).sum(1)
+    raise ValueError(f"unknown attack loss {kind!r} (known: {', '.join(LOSSES)} or a callable)")
+
+
+# ---------------------------------------------------------------- geometry
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
+
+
+def random_start(x: torch.Tensor, eps: float, norm: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A random initial perturbation: uniform in the L-inf ball; for L2 a uniformly random direction
+    at a radius uniform in [0, eps] (torchattacks' and most papers' L2 start). Drawn on the CPU when a
+    generator is given (the same numbers on every device)."""
+    device = "cpu" if generator is not None else x.device
+    if norm == "Linf":
+        delta = torch.rand(x.shape, generator=generator, device=device) * 2 - 1
+        delta = delta * eps
+    else:
+        delta = torch.randn(x.shape, generator=generator, device=device)
+        radius = torch.rand((len(x),) + (1,) * (x.dim() - 1), generator=generator, device=device)
+        delta = delta / _norms(delta).clamp_min(1e-12) * radius * eps
+    return delta.to(x.device, x.dtype)
+
+
+def ascend(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float,
+           norm: str) -> torch.Tensor:
+    """One projected ascent step: move along the sign (L-inf) or the normalised gradient (L2),
+    project onto the eps ball, then into the [0, 1] box. The box clamp moves every coordinate
+    towards x, so it can only shrink the perturbation: the result is in both sets."""
+    if norm == "Linf":
+        delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+    else:
+        delta = delta + alpha * grad / _norms(grad).clamp_min(1e-12)
+        delta = delta * (eps / _norms(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return (x + delta).clamp(0, 1) - x
+
+
+# ---------------------------------------------------------------- PGD
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, *, norm: str = "Linf",
+        loss: Union[str, LossFn] = "ce", step_size: Optional[float] = None, random_init: bool = True,
+        restarts: int = 1, targeted: bool = False, bn_mode: str = "eval", bn_branch: Optional[str] = None,
+        kappa: float = 0.0, delta0: Optional[torch.Tensor] = None, compile: str = "off",
+        precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+    """Projected gradient ascent of ``loss`` in the ``norm`` ball of radius ``eps`` around x, inside
+    [0, 1]. Returns x + delta, detached. ``y``: true labels, or targets when ``targeted``.
+
+    step_size: default eps / 4. restarts: with several, each point keeps its worst case (the
+    restart that fools the model, else the one with the highest loss). delta0: the first restart's
+    start (the evaluator seeds one per point); later restarts draw from torch's RNG.
+    compile: off | on | auto (see fused.py). precision: fp32, or bf16 / fp16 autocast on CUDA.
     """
-    if eps < 0 or steps < 1:
-        raise ValueError(f"PGD needs eps >= 0 and steps >= 1 (got eps={eps}, steps={steps})")
+    _check_args(eps, steps, norm, restarts, precision, x)
     alpha = eps / 4 if step_size is None else step_size
     x = x.detach()
-    if random_start:
-        start = noise if noise is not None else torch.empty_like(x).uniform_(-1, 1)
-        delta = (start * eps + x).clamp_(0, 1) - x
-    else:
-        delta = torch.zeros_like(x)
-    with attack_mode(model, bn_mode) as net:
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = F.cross_entropy(net(x + delta), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, delta)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with attack_mode(model, bn_mode, bn_branch) as net:
+        clean_lp = None
+        if loss == "kl":
             with torch.no_grad():
-                # step, project onto the eps ball, then back into the [0, 1] box (in that order,
-                # so the result is in both: the box clamp can only shrink |delta|).
-                delta = (delta + alpha * grad.sign()).clamp_(-eps, eps)
-                delta = (x + delta).clamp_(0, 1) - x
-    return (x + delta).detach()
+                clean_lp = F.log_softmax(net(x), 1)
+        from .fused import make_step  # late import: fused imports this module
+        step = make_step(net, loss, norm, targeted, kappa, precision, compile, x)
+        best, best_loss, best_fooled = None, None, None
+        for r in range(restarts):
+            if r == 0 and delta0 is not None:
+                delta = (x + delta0.to(x)).clamp(0, 1) - x
+            elif random_init:
+                delta = (x + random_start(x, eps, norm)).clamp(0, 1) - x
+            else:
+                delta = torch.zeros_like(x)
+            for _ in range(steps):
+                delta = step(x, delta, y, clean_lp, eps, alpha)
+            if restarts == 1:
+                return (x + delta).detach()
+            best, best_loss, best_fooled = _keep_worst(net, x, delta, y, loss, targeted, clean_lp, kappa,
+                                                       best, best_loss, best_fooled)
+    return (x + best).detach()
+
+
+def _keep_worst(net, x, delta, y, loss, targeted, clean_lp, kappa, best, best_loss, best_fooled):
+    """Per-sample worst case over restarts: fooling beats not fooling, then the higher loss wins."""
+    with torch.no_grad():
+        value = attack_loss(loss, net, x + delta, y, targeted, clean_lp, kappa)
+        if loss in ("ce", "cw"):
+            pred = net(x + delta).argmax(1)
+            fooled = pred == y if targeted else pred != y
+        else:
+            fooled = torch.zeros_like(value, dtype=torch.bool)
+    if best is None:
+        return delta, value, fooled
+    take = (fooled & ~best_fooled) | ((fooled == best_fooled) & (value > best_loss))
+    mask = take.view(-1, *[1] * (x.dim() - 1))
+    return torch.where(mask, delta, best), torch.where(take, value, best_loss), best_fooled | fooled
+
+
+def _check_args(eps, steps, norm, restarts, precision, x):
+    if not (eps >= 0 and math.isfinite(eps)) or steps < 1 or restarts < 1:
+        raise ValueError(f"PGD needs eps >= 0, steps >= 1 and restarts >= 1 "
+                         f"(got eps={eps}, steps={steps}, restarts={restarts})")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown attack precision {precision!r} (fp32, bf16 or fp16)")
+    if precision != "fp32" and x.device.type != "cuda":
+        raise ValueError(f"attack precision {precision} needs a CUDA device; use fp32 on the CPU")
+
+
+def pgd_linf(model, x, y, eps, steps, step_size=None, random_start=True, bn_mode="eval", noise=None):
+    """L-inf CE PGD (the training-time default). noise: a start in [-1, 1]^shape(x), scaled by eps."""
+    return pgd(model, x, y, eps, steps, step_size=step_size, random_init=random_start, bn_mode=bn_mode,
+               delta0=None if noise is None else noise * eps)

@@ -1,11 +1,12 @@
-"""Exact sharded evaluation: clean and PGD accuracy summed over ranks.
+"""Exact sharded evaluation: clean accuracy and any mix of PGD, CW and AutoAttack, summed over ranks.
 
 Every rank evaluates its own contiguous shard of the test set (no padding, no duplicates), the
 per-attack counts are summed with one all_reduce, and ``n`` is the exact number of points whatever
-the world size. PGD random starts are drawn per point from (seed, global index), so the counts do not
-depend on how the points are split over ranks. A point counts as robust only if it is classified
-correctly both clean and under the attack (the per-sample worst case, as AutoAttack reports it), so
-robust accuracy never exceeds clean accuracy.
+the world size. PGD and CW random starts are drawn per point from (seed, restart, global index), so
+the counts do not depend on how the points are split over ranks. A point counts as robust only if it
+is classified correctly clean and under every restart of the attack (the per-sample worst case, as
+AutoAttack reports it), so robust accuracy never exceeds clean accuracy. AutoAttack runs its own
+cascade (attacks/autoattack.py), sharded in fixed blocks and resumable.
 """
 from __future__ import annotations
 
@@ -17,61 +18,73 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..attacks import pgd_linf
+from ..attacks import pgd, random_start
 from ..data import EvalLoader, shard_indices
 from .checkpoint import atomic_write
 
-_PGD = re.compile(r"pgd-(\d+)$")
+_ITERATIVE = re.compile(r"(pgd|cw)-(\d+)$")
+# standard AutoAttack's budgets: iterations of APGD-CE, APGD-T (per target), FAB-T; queries of Square
+AA_STEPS = {"apgd-ce": 100, "apgd-t": 100, "fab-t": 100, "square": 5000}
+KNOWN = "clean, pgd-K (CE PGD, K steps), cw-K (CW-margin PGD), aa (standard AutoAttack)"
 
 
 def parse_attack(name: str) -> dict:
-    """'clean' or 'pgd-K' (L-inf PGD, K steps, step eps/4, random start) -> its settings."""
-    if name == "clean":
-        return {"kind": "clean"}
-    m = _PGD.match(name)
-    if m and int(m.group(1)) > 0:
-        return {"kind": "pgd", "norm": "Linf", "steps": int(m.group(1))}
-    raise ValueError("unknown attack (known: clean, pgd-K with K > 0 steps, e.g. pgd-20)")
+    """An evaluation attack's name -> its kind and settings."""
+    if name in ("clean", "aa"):
+        return {"kind": name}
+    m = _ITERATIVE.match(name)
+    if m and int(m.group(2)) > 0:
+        return {"kind": "pgd", "loss": "ce" if m.group(1) == "pgd" else "cw", "steps": int(m.group(2))}
+    raise ValueError(f"unknown attack (known: {KNOWN}; K > 0)")
 
 
-def _start_noise(x: torch.Tensor, first_index: int, seed: int) -> torch.Tensor:
-    """Uniform [-1, 1] noise for each point, seeded by its global index."""
-    noise = torch.empty_like(x, device="cpu")
+def _seeded_starts(x: torch.Tensor, first_index: int, seed: int, restart: int, eps: float, norm: str):
+    """Each point's random start, seeded by its global index (independent of batch and rank)."""
     g = torch.Generator()
+    starts = []
     for i in range(len(x)):
-        g.manual_seed(seed * 1_000_003 + first_index + i)
-        noise[i].uniform_(-1, 1, generator=g)
-    return noise.to(x.device)
+        g.manual_seed((seed * 1_000_003 + restart) * 1_000_000_007 + first_index + i)
+        starts.append(random_start(x[i:i + 1], eps, norm, generator=g))
+    return torch.cat(starts)
 
 
 @torch.no_grad()
-def _predict(model, x):
-    return model(x).argmax(1)
+def _correct(model, x, y):
+    return model(x).argmax(1) == y
 
 
 def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, batch_size: int,
-             device: torch.device, limit: int | None = None, seed: int = 0, progress=None) -> dict:
-    """Evaluate the unwrapped ``model`` on this rank's shard; returns the summed results dict."""
+             device: torch.device, limit: int | None = None, seed: int = 0, norm: str = "Linf",
+             restarts: int = 1, attack_opts: dict | None = None, aa_state_dir: Path | None = None,
+             fingerprint: str = "", progress=None) -> dict:
+    """Evaluate the unwrapped ``model`` on this rank's shard; returns the summed results dict.
+    attack_opts: extra pgd() keywords (compile, precision, channels_last)."""
     specs = {name: parse_attack(name) for name in attacks if name != "clean"}
+    iterative = {k: s for k, s in specs.items() if s["kind"] == "pgd"}
     n_total = min(len(dataset), limit) if limit else len(dataset)
     shard = shard_indices(n_total, dist.rank(), dist.world_size())
     loader = EvalLoader(dataset, batch_size, dist.rank(), dist.world_size(), device=device, limit=limit)
-    counts = torch.zeros(2 + len(specs), dtype=torch.float64)  # n, clean, one per attack
-    seconds = torch.zeros(1 + len(specs), dtype=torch.float64)
+    counts = torch.zeros(2 + len(iterative), dtype=torch.float64)  # n, clean, one per iterative attack
+    seconds = torch.zeros(1 + len(iterative), dtype=torch.float64)
     was_training = model.training
     model.eval()
     try:
         offset = shard.start
         for x, y in (progress(loader) if progress else loader):
             t0 = time.perf_counter()
-            clean_ok = _predict(model, x) == y
+            clean_ok = _correct(model, x, y)
             seconds[0] += time.perf_counter() - t0
             counts[0] += len(y)
             counts[1] += clean_ok.sum().item()
-            for j, spec in enumerate(specs.values()):
+            for j, spec in enumerate(iterative.values()):
                 t0 = time.perf_counter()
-                x_adv = pgd_linf(model, x, y, eps, spec["steps"], noise=_start_noise(x, offset, seed))
-                counts[2 + j] += (clean_ok & (_predict(model, x_adv) == y)).sum().item()
+                robust = clean_ok.clone()
+                for r in range(restarts):
+                    start = _seeded_starts(x, offset, seed, r, eps, norm)
+                    x_adv = pgd(model, x, y, eps, spec["steps"], norm=norm, loss=spec["loss"], delta0=start,
+                                **(attack_opts or {}))
+                    robust &= _correct(model, x_adv, y)
+                counts[2 + j] += robust.sum().item()
                 seconds[1 + j] += time.perf_counter() - t0
             offset += len(y)
     finally:
@@ -82,12 +95,27 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
     result = {"n": n, "world_size": dist.world_size(),
               "clean": {"correct": int(counts[1]), "acc": counts[1].item() / n, "time_s": seconds[0].item()},
               "attacks": {}}
-    for j, (name, spec) in enumerate(specs.items()):
-        result["attacks"][name] = {"correct": int(counts[2 + j]), "acc": counts[2 + j].item() / n,
-                                   "eps": eps, "norm": spec["norm"], "steps": spec["steps"],
-                                   "step_size": eps / 4, "random_start": True, "seed": seed,
-                                   "time_s": seconds[1 + j].item()}
+    for name, spec in specs.items():
+        if spec["kind"] == "pgd":
+            j = list(iterative).index(name)
+            result["attacks"][name] = {"correct": int(counts[2 + j]), "acc": counts[2 + j].item() / n,
+                                       "eps": eps, "norm": norm, "steps": spec["steps"], "loss": spec["loss"],
+                                       "step_size": eps / 4, "random_start": True, "restarts": restarts,
+                                       "seed": seed, "time_s": seconds[1 + j].item()}
+        else:
+            result["attacks"][name] = _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed,
+                                                  aa_state_dir, fingerprint)
     return result
+
+
+def _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed, state_dir, fingerprint) -> dict:
+    from ..attacks.autoattack import autoattack
+    t0 = time.perf_counter()
+    res = autoattack(model, dataset, eps, norm=norm, batch_size=batch_size, device=device, limit=limit,
+                     seed=seed, state_dir=state_dir, fingerprint=fingerprint)
+    return {"correct": res["correct"], "acc": res["acc"], "eps": eps, "norm": norm, "steps": AA_STEPS,
+            "version": res["version"], "block_size": res["block_size"], "seed": seed,
+            "per_attack": res["per_attack"], "time_s": time.perf_counter() - t0}
 
 
 def write_results(path: Path, results: dict) -> None:

@@ -20,7 +20,8 @@ from ..methods import build_method
 from ..models import build_model, load_backbone
 from ..report import JsonlLog
 from ..schedules import lr_at
-from .checkpoint import atomic_write, last_good, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (atomic_write, last_good, load_checkpoint, read_sidecar, resolve, rng_state,
+                         save_checkpoint, set_rng_state)
 from .evaluate import evaluate, write_results
 
 log = logging.getLogger("dist_robust")
@@ -134,13 +135,19 @@ def train(cfg: Config, device: torch.device) -> dict | None:
 
 
 def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal=None) -> dict:
-    """Evaluate ``model`` on cfg's dataset and eval settings; rank 0 writes ``out``."""
-    e = cfg.eval
+    """Evaluate ``model`` (saved at ``checkpoint``) on cfg's dataset and eval settings; rank 0 writes
+    ``out``. AutoAttack keeps its resumable state next to ``out``."""
+    e, a = cfg.eval, cfg.attack
     test_set = load_dataset(cfg.data.name, e.split, root=cfg.data.root, image_size=cfg.data.image_size)
-    eps = cfg.attack.eps if e.eps is None else e.eps
+    eps = a.eps if e.eps is None else e.eps
+    norm = a.norm if e.norm is None else e.norm
+    fingerprint = read_sidecar(resolve(checkpoint))["sha256"]["model"]
     t0 = time.perf_counter()
     counts = evaluate(model, test_set, e.attacks, eps, cfg.data.eval_batch_size, device, limit=e.limit,
-                      seed=e.seed, progress=lambda it: _progress(it, None, "eval"))
+                      seed=e.seed, norm=norm, restarts=e.restarts,
+                      attack_opts=dict(compile=a.compile, precision=a.precision, channels_last=a.channels_last),
+                      aa_state_dir=out.with_name(out.stem + ".aa-state"), fingerprint=fingerprint,
+                      progress=lambda it: _progress(it, None, "eval"))
     results = {"dataset": cfg.data.name, "split": e.split, **counts, "checkpoint": checkpoint,
                "seconds": time.perf_counter() - t0, "config": to_dict(cfg)}
     if dist.is_main():
@@ -149,5 +156,6 @@ def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal
             journal.write(kind="eval", **{k: results[k] for k in ("n", "clean", "attacks")})
         line = "  ".join([f"clean {results['clean']['acc']:.4f}"] +
                          [f"{k} {v['acc']:.4f}" for k, v in results["attacks"].items()])
-        log.info("eval on %s/%s (n=%d, eps=%.4g): %s -> %s", cfg.data.name, e.split, results["n"], eps, line, out)
+        log.info("eval on %s/%s (n=%d, %s eps=%.4g): %s -> %s", cfg.data.name, e.split, results["n"], norm, eps,
+                 line, out)
     return results

@@ -1,15 +1,15 @@
-"""PGD adversarial training (Madry et al. 2018): cross-entropy on L-inf PGD examples only.
+"""PGD adversarial training (Madry et al. 2018): cross-entropy on PGD examples only.
 
-With a source checkpoint (model.init_from) this is adversarial fine-tuning (AFT).
+With a source checkpoint (model.init_from) this is adversarial fine-tuning (AFT); with
+attack.steps=1 and a random start it is FGSM-RS "fast" AT.
 """
-from ..attacks import pgd_linf
+from ..attacks import attack_kwargs, pgd
 from .base import Method, ce_with_metrics
 
 
 class PGDAdversarialTraining(Method):
     def loss(self, model, x, y):
         a = self.cfg.attack
-        x_adv = pgd_linf(model, x, y, eps=a.eps, steps=a.steps, step_size=a.step_size,
-                         random_start=a.random_start, bn_mode=a.bn_mode)
+        x_adv = pgd(model, x, y, a.eps, a.steps, **attack_kwargs(a))
         # The training forward goes through the (DDP) wrapper in train mode: BN sees the adversarial batch.
         return ce_with_metrics(model(x_adv), y)

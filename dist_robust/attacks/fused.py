@@ -1,0 +1,94 @@
+"""One PGD step (forward, input-gradient backward, ascent, projection, clamp), eager or fused.
+
+The fused step is the same function captured whole by ``torch.compile`` (inductor: C++ on the CPU,
+Triton on CUDA). The gradient is taken with ``torch.func.grad`` rather than ``torch.autograd.grad``
+so that the backward is traced into the same graph as the forward and the update. Shapes are kept
+fixed: in eval-mode BN a smaller batch (the last one of an evaluation) is padded to the compiled
+size, so it never triggers a new compilation; in train-mode BN the batch statistics would change,
+so a new shape compiles anew instead.
+
+``compile``: ``on``, ``off`` or ``auto`` (on where it was measured to pay, see ``COMPILE_AUTO``).
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+# compile=auto: measured by bench/attacks.py (see the README). On the CPU here the fused step ran at
+# about 0.4-0.6x the eager time, but its first compilation costs ~20-30 s, which only pays after a few
+# hundred steps; auto therefore compiles on CUDA and stays eager on the CPU.
+COMPILE_AUTO = {"cuda": True, "cpu": False}
+
+_compiled: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _autocast(precision: str, device_type: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _raw_step(net, loss, norm, targeted, kappa, precision):
+    from .pgd import ascend, attack_loss
+
+    def step(x, delta, y, clean_lp, eps: float, alpha: float):
+        def total(d):
+            with _autocast(precision, x.device.type):
+                value = attack_loss(loss, net, x + d, y, targeted, clean_lp, kappa)
+            return value.float().sum()
+        grad = torch.func.grad(total)(delta)
+        return ascend(x, delta, grad, eps, alpha, norm)
+    return step
+
+
+def eager_step(net, loss, norm, targeted, kappa, precision):
+    from .pgd import ascend, attack_loss
+
+    def step(x, delta, y, clean_lp, eps: float, alpha: float):
+        delta = delta.detach().requires_grad_(True)
+        with _autocast(precision, x.device.type):
+            value = attack_loss(loss, net, x + delta, y, targeted, clean_lp, kappa)
+        (grad,) = torch.autograd.grad(value.float().sum(), delta)
+        with torch.no_grad():
+            return ascend(x, delta.detach(), grad, eps, alpha, norm)
+    return step
+
+
+def _padded(fn, pad_ok: bool):
+    """Run ``fn`` at the largest batch size seen so far, padding smaller batches with copies of
+    their first row (eval-mode BN: rows do not interact) and slicing the result."""
+    size = {"n": 0}
+
+    def step(x, delta, y, clean_lp, eps, alpha):
+        n = len(x)
+        size["n"] = max(size["n"], n)
+        if not pad_ok or n == size["n"]:
+            return fn(x, delta, y, clean_lp, eps, alpha)
+        idx = torch.cat([torch.arange(n), torch.zeros(size["n"] - n, dtype=torch.long)]).to(x.device)
+        lp = None if clean_lp is None else clean_lp[idx]
+        yy = y[idx] if isinstance(y, torch.Tensor) and len(y) == n else y
+        return fn(x[idx], delta[idx], yy, lp, eps, alpha)[:n]
+    return step
+
+
+def use_compile(mode: str, device_type: str) -> bool:
+    if mode not in ("on", "off", "auto"):
+        raise ValueError(f"attack.compile must be on, off or auto, got {mode!r}")
+    return mode == "on" or (mode == "auto" and COMPILE_AUTO.get(device_type, False))
+
+
+def make_step(net: nn.Module, loss, norm: str, targeted: bool, kappa: float, precision: str, mode: str,
+              x: torch.Tensor):
+    """The step function for these settings; compiled ones are cached per model and settings.
+    Custom (callable) losses always run eagerly: they may do anything."""
+    if callable(loss) or not use_compile(mode, x.device.type):
+        return eager_step(net, loss, norm, targeted, kappa, precision)
+    key = (loss, norm, targeted, kappa, precision, net.training)
+    cache = _compiled.setdefault(net, {})
+    if key not in cache:
+        compiled = torch.compile(_raw_step(net, loss, norm, targeted, kappa, precision), dynamic=False)
+        cache[key] = _padded(compiled, pad_ok=not net.training)
+    return cache[key]
