@@ -45,6 +45,7 @@ test: install
 
 bench: install
 	$(PY) bench/train_step.py
+	$(PY) bench/attacks.py
 
 clean:
 	rm -rf runs .pytest_cache
