@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import torchattacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402
 from dist_robust.attacks import pgd  # noqa: E402
 from dist_robust.attacks.autoattack import autoattack  # noqa: E402
 from dist_robust.data import load_dataset  # noqa: E402
@@ -34,15 +36,6 @@ from dist_robust.models import build_model  # noqa: E402
 EPS, ALPHA = 0.1, 0.025
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
 def trained_cnn3(width: int, train, seconds_budget_images: int = 10000):
