@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_ranks
 from dist_robust.attacks import autoattack as aa_mod
-from dist_robust.attacks import pgd, pgd_linf
+from dist_robust.attacks import pgd
 from dist_robust.attacks.autoattack import AA_STANDARD, autoattack, within_bounds
 from dist_robust.data import load_dataset
 from dist_robust.models import build_model
@@ -85,7 +85,7 @@ def test_cascade_runs_every_attack_and_beats_pgd_and_matches_torchattacks(traine
     assert all(r["rejected"] == 0 for r in ours["per_attack"].values())
     assert ours["correct"] == ours["per_attack"]["square"]["robust"] and ours["acc"] == ours["correct"] / N
 
-    x_pgd = pgd_linf(model, x, y, EPS, 20)
+    x_pgd = pgd(model, x, y, EPS, 20)
     with torch.no_grad():  # PGD-20 with the per-sample worst case over clean and attacked
         pgd_robust = int(((model(x).argmax(1) == y) & (model(x_pgd).argmax(1) == y)).sum())
     assert ours["correct"] <= pgd_robust

@@ -1,7 +1,7 @@
 """Adversarial attacks: the PGD family (pgd.py), its fused step (fused.py) and AutoAttack (autoattack.py)."""
-from .pgd import LOSSES, NORMS, attack_loss, attack_mode, cw_margin, pgd, pgd_linf, random_start
+from .pgd import LOSSES, NORMS, attack_loss, attack_mode, cw_margin, pgd, random_start
 
-__all__ = ["LOSSES", "NORMS", "attack_loss", "attack_mode", "attack_kwargs", "cw_margin", "pgd", "pgd_linf", "random_start"]
+__all__ = ["LOSSES", "NORMS", "attack_loss", "attack_mode", "attack_kwargs", "cw_margin", "pgd", "random_start"]
 
 
 def attack_kwargs(attack_cfg) -> dict:

@@ -199,8 +199,3 @@ def _check_args(eps, steps, norm, restarts, precision, x):
     if precision != "fp32" and x.device.type != "cuda":
         raise ValueError(f"attack precision {precision} needs a CUDA device; use fp32 on the CPU")
 
-
-def pgd_linf(model, x, y, eps, steps, step_size=None, random_start=True, bn_mode="eval", noise=None):
-    """L-inf CE PGD (the training-time default). noise: a start in [-1, 1]^shape(x), scaled by eps."""
-    return pgd(model, x, y, eps, steps, step_size=step_size, random_init=random_start, bn_mode=bn_mode,
-               delta0=None if noise is None else noise * eps)
