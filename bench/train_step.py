@@ -6,6 +6,8 @@ For each model: a clean training step (fwd + bwd + SGD), one PGD step (fwd + inp
 PGD-k adversarial training step (k PGD steps + a training step), all on the same batch. Reported:
   attack step cost = PGD step / clean step           (bound ~0.67: input-only gradients skip weight grads)
   AT step overhead = AT step / ((2k+3)/3 x clean)   (target <= 1.1)
+  TWINS-AT step / PGD-AT step at the same k          (target <= 1.1): both through the method classes,
+                                                      on the same batch, model and optimiser settings
 Medians over repeats after warm-up, with min and max. Writes bench/results/train_step.json.
 """
 from __future__ import annotations
@@ -24,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import timed  # noqa: E402
 from dist_robust.attacks import pgd  # noqa: E402
+from dist_robust.config import load_config  # noqa: E402
+from dist_robust.methods import build_method  # noqa: E402
 from dist_robust.models import build_model  # noqa: E402
+from dist_robust.models.partial import configure_finetuning  # noqa: E402
 
 
 
@@ -54,6 +59,30 @@ def bench_model(name: str, batch: int, k: int, repeats: int) -> dict:
             "at_step_overhead": at["median_s"] / ((2 * k + 3) / 3 * clean["median_s"])}
 
 
+def bench_twins(name: str, batch: int, k: int, repeats: int) -> dict:
+    """One training step of each method (attack + forward + backward + SGD) on the same batch."""
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    steps = {}
+    for method in ("pgd_at", "twins_at"):
+        cfg = load_config(None, [f"method.name={method}", f"model.name={name}", "attack.eps=0.1",
+                                 f"attack.steps={k}", "attack.compile=off"])
+        torch.manual_seed(0)
+        m = build_method(cfg)
+        model = m.prepare(configure_finetuning(build_model(name, 1, 10, [0.5], [0.25]),
+                                               tuned_bn="dual" if m.uses_dual_bn else "train"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, m=m, opt=opt):
+            model.train()
+            loss, _ = m.loss(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        steps[method] = timed(step, repeats)
+    return {"model": name, "batch": batch, "k": k, **steps,
+            "twins_at/pgd_at": steps["twins_at"]["median_s"] / steps["pgd_at"]["median_s"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="cnn3,resnet_small")
@@ -70,11 +99,17 @@ def main() -> None:
         print(f"| {r['model']} | {r['batch']} | {1e3 * r['clean_step']['median_s']:.1f} | "
               f"{1e3 * r['pgd_step']['median_s']:.1f} | {1e3 * r['at_step']['median_s']:.1f} | "
               f"{r['attack_step_cost']:.2f} | {r['at_step_overhead']:.2f} |")
+    twins = [bench_twins(m, args.batch, args.steps, args.repeats) for m in args.models.split(",")]
+    print(f"\n| model | batch | PGD-{args.steps} AT step ms | TWINS-AT step ms | TWINS-AT / PGD-AT |")
+    print("|---|---|---|---|---|")
+    for r in twins:
+        print(f"| {r['model']} | {r['batch']} | {1e3 * r['pgd_at']['median_s']:.1f} | "
+              f"{1e3 * r['twins_at']['median_s']:.1f} | {r['twins_at/pgd_at']:.2f} |")
     out = Path(__file__).parent / "results" / "train_step.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "machine": platform.node(),
                                "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                               "rows": rows}, indent=1))
+                               "rows": rows, "twins": twins}, indent=1))
 
 
 if __name__ == "__main__":

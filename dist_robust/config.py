@@ -38,11 +38,20 @@ class ModelConfig:
     name: str = "cnn3"                  # a name from dist_robust.models.MODELS
     init_from: Optional[str] = None     # source checkpoint (.safetensors) or run folder to fine-tune from
     new_head: bool = True               # fresh head for the target classes (keep the source's if False)
+    sync_bn: bool = False               # synchronise BN batch statistics across ranks (gloo and nccl)
+    trainable: str = "all"              # all | head (linear probing) | last_k (partial fine-tuning)
+    last_k: int = 1                     # last_k: how many backbone blocks train (with the head)
+    frozen_bn: str = "freeze_all"       # BN of the frozen part: freeze_all | freeze_stats | train
+    tuned_bn: str = "auto"              # BN of the tuned part: train | freeze_stats | freeze_all | dual
+                                        # (auto: dual for TWINS methods, train otherwise)
 
 
 @dataclass
 class MethodConfig:
     name: str = "standard"              # a name from dist_robust.methods.METHODS
+    beta: float = 6.0                   # TRADES / TWINS-TRADES weight of the KL term
+    kl_reduction: str = "batchmean"     # TRADES KL: batchmean (sum / local batch, the reference) | sum | mean
+    twins_lambda: float = 1.0           # TWINS weight of the frozen wing's loss (1.0 CIFAR, 0.4 high-res)
 
 
 @dataclass
@@ -67,11 +76,15 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "multistep"         # constant | multistep | cosine, applied per iteration
+    schedule: str = "multistep"         # constant | multistep | cosine | ssfd, applied per iteration
     milestones: List[float] = field(default_factory=list)  # multistep: epochs (may be fractional)
     gamma: float = 0.1                  # multistep factor
     warmup_epochs: float = 0.0          # linear warm-up from 0, for any schedule
-    final_lr: float = 0.0               # cosine: the lr it ends at
+    final_lr: float = 0.0               # cosine, ssfd: the lr it ends at
+    # ssfd, "slow start, fast decay" (Jeddi et al.), as fractions of the run; optim.lr is the peak
+    warmup_frac: float = 0.3            # linear ramp 0 -> lr
+    decay_frac: float = 0.3             # decay lr -> final_lr over the last part of the run
+    decay_shape: str = "linear"         # linear | cosine | exp
 
 
 @dataclass
@@ -183,7 +196,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
-    from .schedules import SCHEDULES
+    from .schedules import DECAY_SHAPES, SCHEDULES
+    from .models.partial import BN_POLICIES, TRAINABLE
     from .attacks.pgd import LOSSES, NORMS
     from .engine.evaluate import parse_attack
 
@@ -203,6 +217,27 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "must be positive")
     _check(d.subset is None or d.subset > 0, "data.subset", d.subset, "must be positive")
     _check(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "must be >= 0")
+    m, meth = cfg.model, cfg.method
+    _check(m.trainable in TRAINABLE, "model.trainable", m.trainable, f"must be one of {', '.join(TRAINABLE)}")
+    _check(m.last_k >= 1, "model.last_k", m.last_k, "must be >= 1")
+    _check(m.frozen_bn in BN_POLICIES[:3], "model.frozen_bn", m.frozen_bn,
+           f"must be one of {', '.join(BN_POLICIES[:3])}")
+    _check(m.tuned_bn in ("auto",) + BN_POLICIES, "model.tuned_bn", m.tuned_bn,
+           f"must be auto or one of {', '.join(BN_POLICIES)}")
+    twins = METHODS[meth.name].uses_dual_bn
+    _check(m.tuned_bn in ("auto", "dual") if twins else m.tuned_bn != "dual", "model.tuned_bn", m.tuned_bn,
+           "dual (TWINS' two BN wings) goes with the methods twins_at and twins_trades, and only with them")
+    _check(not twins or m.trainable != "head", "model.trainable", m.trainable,
+           "TWINS needs BN layers in the tuned part (linear probing has none)")
+    local_batch = d.batch_size // max(world_size, 1)
+    _check(not twins or local_batch % 2 == 0, "data.batch_size", d.batch_size,
+           f"TWINS splits each rank's batch in two halves: the per-rank batch ({local_batch}) must be even")
+    _check(meth.beta >= 0, "method.beta", meth.beta, "must be >= 0")
+    _check(meth.kl_reduction in ("batchmean", "sum", "mean"), "method.kl_reduction", meth.kl_reduction,
+           "must be batchmean, sum or mean")
+    _check(not METHODS[meth.name].trades_loss or a.loss in ("kl", "ce"), "attack.loss", a.loss,
+           f"{meth.name} takes the KL adversary (TRADES' reference) or the CE adversary (TWINS' and Adv-SS' code)")
+    _check(meth.twins_lambda >= 0, "method.twins_lambda", meth.twins_lambda, "must be >= 0")
     _check(a.eps >= 0, "attack.eps", a.eps, "must be >= 0")
     _check(a.steps > 0, "attack.steps", a.steps, "must be > 0")
     _check(a.step_size is None or a.step_size > 0, "attack.step_size", a.step_size, "must be > 0")
@@ -218,6 +253,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"unknown (known: {', '.join(SCHEDULES)})")
     _check(0 < o.gamma <= 1, "optim.gamma", o.gamma, "must be in (0, 1]")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(0 <= o.warmup_frac <= 1 and 0 <= o.decay_frac <= 1 and o.warmup_frac + o.decay_frac <= 1,
+           "optim.warmup_frac", o.warmup_frac, f"warmup_frac and decay_frac ({o.decay_frac}) must be in [0, 1] "
+           "and sum to at most 1")
+    _check(o.decay_shape in DECAY_SHAPES, "optim.decay_shape", o.decay_shape,
+           f"must be one of {', '.join(DECAY_SHAPES)}")
+    _check(o.final_lr >= 0, "optim.final_lr", o.final_lr, "must be >= 0")
     _check(all(m > 0 for m in o.milestones), "optim.milestones", o.milestones, "must be positive epochs")
     _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
     _check(t.resume in ("auto", "never"), "train.resume", t.resume, "must be auto or never")

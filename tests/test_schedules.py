@@ -30,3 +30,19 @@ def test_linear_warmup_then_schedule():
     lrs = [lr_at(s, 10, o, 2) for s in range(8)]
     assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # ramps to lr over 5 iterations
     assert lrs[5:] == pytest.approx([0.1] * 3)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "exp"])
+def test_slow_start_fast_decay_hits_its_parameters_at_the_boundaries(shape):
+    o = OptimConfig(lr=0.2, schedule="ssfd", warmup_frac=0.25, decay_frac=0.5, decay_shape=shape, final_lr=0.01)
+    spe, epochs = 10, 4  # 40 iterations: ramp 0..10, hold 10..20, decay 20..40
+    assert lr_at(0, spe, o, epochs) == pytest.approx(0.0)
+    assert lr_at(5, spe, o, epochs) == pytest.approx(0.1)        # half-way up the linear ramp
+    assert lr_at(10, spe, o, epochs) == pytest.approx(0.2)       # peak at the end of the warm-up
+    assert lr_at(20, spe, o, epochs) == pytest.approx(0.2)       # still the peak where the decay starts
+    assert lr_at(40, spe, o, epochs) == pytest.approx(0.01)      # final lr at the end
+    decay = [lr_at(s, spe, o, epochs) for s in range(20, 41)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))           # strictly decreasing
+    mid = lr_at(30, spe, o, epochs)
+    expected = {"linear": 0.105, "cosine": 0.105, "exp": 0.01 + 0.19 * (math.exp(-2.5) - math.exp(-5)) / (1 - math.exp(-5))}
+    assert mid == pytest.approx(expected[shape])

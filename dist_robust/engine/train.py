@@ -18,6 +18,9 @@ from ..config import Config, to_dict, to_yaml
 from ..data import TrainLoader, load_dataset
 from ..methods import build_method
 from ..models import build_model, load_backbone
+from ..models.dual_bn import export_plain
+from ..models.partial import configure_finetuning
+from ..models.sync_bn import convert_sync_bn
 from ..report import JsonlLog
 from ..schedules import lr_at
 from .checkpoint import (atomic_write, last_good, load_checkpoint, read_sidecar, resolve, rng_state,
@@ -57,7 +60,11 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     rank, world = dist.rank(), dist.world_size()
     train_set, model = build(cfg, device)
     method = build_method(cfg)
-    model = method.prepare(model)
+    m = cfg.model
+    if m.sync_bn:  # before the BN policies: frozen layers keep their hooks and stay local in eval mode
+        model = convert_sync_bn(model)
+    tuned_bn = m.tuned_bn if m.tuned_bn != "auto" else ("dual" if method.uses_dual_bn else "train")
+    model = method.prepare(configure_finetuning(model, m.trainable, m.last_k, m.frozen_bn, tuned_bn).to(device))
     o = cfg.optim
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay, nesterov=o.nesterov)
@@ -123,7 +130,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
                             optimizer=opt)
         dist.barrier()
 
-    exported = method.export(model)
+    exported = export_plain(method.export(model))  # plain BN layers: dual -> adaptive wing, sync -> local
     final = run_dir / "model.json"
     if dist.is_main():
         save_checkpoint(run_dir, "model", exported.state_dict(), dict(config=to_dict(cfg), epoch=epochs, step=step))

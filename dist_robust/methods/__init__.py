@@ -5,10 +5,15 @@ A method never touches the loader or the process group, and the engine never kno
 from .base import Method
 from .pgd_at import PGDAdversarialTraining
 from .standard import StandardTraining
+from .trades import TRADES
+from .twins import TwinsAT, TwinsTRADES
 
 METHODS: dict[str, type[Method]] = {
     "standard": StandardTraining,   # clean CE: training from scratch or fine-tuning
-    "pgd_at": PGDAdversarialTraining,  # Madry et al.: CE on L-inf PGD examples
+    "pgd_at": PGDAdversarialTraining,  # Madry et al.: CE on PGD examples (AFT from a source)
+    "trades": TRADES,                # Zhang et al.: CE(clean) + beta * KL(clean || adversarial)
+    "twins_at": TwinsAT,             # Liu et al.: two BN wings, CE on adversarial halves
+    "twins_trades": TwinsTRADES,     # Liu et al.: two BN wings, the TRADES loss per wing
 }
 
 

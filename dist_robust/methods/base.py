@@ -14,6 +14,9 @@ class Method:
     aggregate them exactly: {"loss_sum", "correct", "n"}.
     """
 
+    uses_dual_bn = False  # TWINS: the tuned part's BN layers become two wings (models/dual_bn.py)
+    trades_loss = False   # the adversary is TRADES' KL one or a CE one (attack.loss kl | ce)
+
     def __init__(self, cfg):
         self.cfg = cfg
 

@@ -1,0 +1,48 @@
+"""TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' the adversary's point.
+
+The adversary is ``attack.loss``: ``kl`` is the reference (maximise the KL to the clean prediction,
+started at x + 0.001 N(0, I)); ``ce`` is the CE-PGD adversary that the TWINS and Adv-SS code use.
+The KL term is ``nn.KLDivLoss`` on (log_softmax(f(x')), softmax(f(x))) with the clean branch not
+detached, reduced by ``method.kl_reduction``: ``batchmean`` (sum / local batch, the reference's
+``size_average=False`` then ``/ batch_size``), ``sum``, or ``mean`` (over batch x classes).
+"""
+import torch
+import torch.nn.functional as F
+
+from ..attacks import attack_kwargs, pgd
+from .base import Method, ce_with_metrics
+
+
+def kl_term(adv_logits: torch.Tensor, clean_logits: torch.Tensor, reduction: str, batch: int) -> torch.Tensor:
+    """KL(softmax(clean) || softmax(adv)) summed over the given rows, then divided as ``reduction``
+    says for a batch of ``batch`` points (TWINS divides each wing's sum by the full batch)."""
+    kl = F.kl_div(F.log_softmax(adv_logits, 1), F.log_softmax(clean_logits, 1), reduction="sum", log_target=True)
+    if reduction == "sum":
+        return kl
+    if reduction == "batchmean":
+        return kl / batch
+    if reduction == "mean":
+        return kl / (batch * adv_logits.shape[1])
+    raise ValueError(f"kl_reduction must be batchmean, sum or mean, got {reduction!r}")
+
+
+def trades_adversary(model, x, y, attack_cfg, bn_branch=None) -> torch.Tensor:
+    a = attack_cfg
+    kw = attack_kwargs(a)
+    delta0 = None
+    if a.loss == "kl" and a.random_start:  # the reference's start: a small Gaussian, not the uniform ball
+        delta0 = 0.001 * torch.randn_like(x)
+    return pgd(model, x, y, a.eps, a.steps, delta0=delta0, bn_branch=bn_branch, **kw)
+
+
+class TRADES(Method):
+    trades_loss = True
+
+    def loss(self, model, x, y):
+        x_adv = trades_adversary(model, x, y, self.cfg.attack)
+        clean = model(x)
+        natural, metrics = ce_with_metrics(clean, y)
+        robust = kl_term(model(x_adv), clean, self.cfg.method.kl_reduction, len(x))
+        loss = natural + self.cfg.method.beta * robust
+        metrics["loss_sum"] = loss.detach() * len(y)
+        return loss, metrics

@@ -1,0 +1,64 @@
+"""TWINS (Liu et al., CVPR 2023): fine-tuning with two BN wings (models/dual_bn.py).
+
+The adversary is PGD in eval mode through the adaptive wing (its running statistics), as in the
+authors' code, for both variants. The training forward runs in ``split`` mode: the first half of each
+rank's batch through the frozen wing, the second half through the adaptive wing.
+
+- TWINS-AT:     lambda * CE(frozen, adv_1) + CE(adaptive, adv_2), each CE a mean over its half.
+- TWINS-TRADES: lambda * CE(frozen, clean_1) + CE(adaptive, clean_2)
+                + beta * (lambda * KL(clean_1 || adv_1) + KL(clean_2 || adv_2)), each KL summed over
+                its half and reduced over the *full* local batch (``method.kl_reduction``; the code's
+                sum / B). The clean forward comes first, as in the code, so the adaptive wing's
+                running statistics see the clean batch, then the adversarial one.
+Evaluation and export use the adaptive wing.
+"""
+import torch.nn.functional as F
+
+from ..dist import unwrap
+from ..models.dual_bn import bn_branch, dual_layers
+from .base import Method, ce_with_metrics
+from .trades import kl_term, trades_adversary
+
+
+def _wing_ce(logits, y, lam):
+    half = len(y) // 2
+    return lam * F.cross_entropy(logits[:half], y[:half]) + F.cross_entropy(logits[half:], y[half:])
+
+
+class TwinsAT(Method):
+    uses_dual_bn = True
+
+    def prepare(self, model):
+        if not dual_layers(model):
+            raise ValueError("TWINS needs a model with two-wing BN layers (model.tuned_bn=dual)")
+        return model
+
+    def adversary(self, model, x, y):
+        return trades_adversary(model, x, y, self.cfg.attack, bn_branch="adaptive")
+
+    def loss(self, model, x, y):
+        x_adv = self.adversary(model, x, y)
+        with bn_branch(unwrap(model), "split"):
+            logits = model(x_adv)
+        loss = _wing_ce(logits, y, self.cfg.method.twins_lambda)
+        _, metrics = ce_with_metrics(logits.detach(), y)
+        metrics["loss_sum"] = loss.detach() * len(y)
+        return loss, metrics
+
+
+class TwinsTRADES(TwinsAT):
+    trades_loss = True
+
+    def loss(self, model, x, y):
+        m = self.cfg.method
+        x_adv = self.adversary(model, x, y)
+        with bn_branch(unwrap(model), "split"):
+            clean = model(x)
+            adv = model(x_adv)
+        half, lam = len(y) // 2, m.twins_lambda
+        robust = (lam * kl_term(adv[:half], clean[:half], m.kl_reduction, len(y))
+                  + kl_term(adv[half:], clean[half:], m.kl_reduction, len(y)))
+        loss = _wing_ce(clean, y, lam) + m.beta * robust
+        _, metrics = ce_with_metrics(clean.detach(), y)
+        metrics["loss_sum"] = loss.detach() * len(y)
+        return loss, metrics

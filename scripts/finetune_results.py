@@ -1,0 +1,104 @@
+"""The fine-tuning comparison: every method of configs/finetune/<pair>/ from one robust source per pair.
+
+    .venv/bin/python scripts/finetune_results.py [--pairs fashion_to_animal,mnist_to_fashion]
+        [--methods standard,at,...] [--seeds 0,1] [--nproc 2] [--aa-limit 100]
+
+For each pair: the robust and the clean source (seed 0), then each method for each seed under torchrun
+(clean + PGD-20 on the full test split, written by training), then standard AutoAttack on the first
+``--aa-limit`` test points. Finished runs and evaluations are skipped, so the command resumes.
+Prints a markdown table (mean +- sample std over seeds) and writes results/finetune.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dist_robust.report import train_seconds  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["standard", "at", "trades", "aft", "twins_at", "twins_trades", "scratch_at", "aft_clean_source"]
+TITLES = {"fashion_to_animal": "Fashion-MNIST -> Animal-MNIST", "mnist_to_fashion": "MNIST -> Fashion-MNIST"}
+
+
+def torchrun(nproc: int, *args: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "dist_robust", *args]
+    print("+", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_dir(recipe: Path, name: str) -> Path:
+    return ROOT / yaml.safe_load(recipe.read_text())["run"]["out_dir"] / name
+
+
+def one_run(recipe: Path, seed: int, nproc: int, aa_limit: int) -> dict:
+    name = f"{recipe.stem}-s{seed}"
+    out = run_dir(recipe, name)
+    if not (out / "results.json").is_file():
+        torchrun(nproc, "train", str(recipe), f"train.seed={seed}", f"run.name={name}")
+    res = json.loads((out / "results.json").read_text())
+    aa_file = out / f"aa{aa_limit}.json"
+    if aa_limit and not aa_file.is_file():
+        torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", res["dataset"], "--attacks", "clean,aa",
+                 "--limit", str(aa_limit), "--out", str(aa_file))
+    row = {"clean": res["clean"]["acc"], "pgd20": res["attacks"]["pgd-20"]["acc"], "n": res["n"],
+           "train_s": train_seconds(out), "eval_s": res["seconds"]}
+    if aa_limit:
+        aa = json.loads(aa_file.read_text())
+        row.update(aa=aa["attacks"]["aa"]["acc"], aa_clean=aa["clean"]["acc"], aa_n=aa["n"], aa_s=aa["seconds"])
+    return row
+
+
+def summary(values: list[float]) -> str:
+    mean = 100 * statistics.mean(values)
+    spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {spread:.1f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--pairs", default=",".join(TITLES))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--aa-limit", type=int, default=100)
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    table: dict = {}
+    for pair in args.pairs.split(","):
+        folder = ROOT / "configs" / "finetune" / pair
+        for source in ("source_at", "source_clean"):
+            if not (run_dir(folder / f"{source}.yaml", source) / "results.json").is_file():
+                torchrun(args.nproc, "train", str(folder / f"{source}.yaml"))
+        table[pair] = {m: [one_run(folder / f"{m}.yaml", s, args.nproc, args.aa_limit) for s in seeds]
+                       for m in args.methods.split(",")}
+
+    lines = []
+    for pair, rows in table.items():
+        n = next(iter(rows.values()))[0]
+        lines += [f"\n**{TITLES.get(pair, pair)}** (L-inf eps 0.1; clean and PGD-20 on the {n['n']:,} test images, "
+                  f"AutoAttack on the first {args.aa_limit}; mean ± std over seeds {args.seeds})\n",
+                  "| method | clean % | PGD-20 % | AutoAttack % |", "|---|---|---|---|"]
+        for method, runs in rows.items():
+            aa = summary([r["aa"] for r in runs]) if args.aa_limit else "-"
+            lines.append(f"| {method} | {summary([r['clean'] for r in runs])} | "
+                         f"{summary([r['pgd20'] for r in runs])} | {aa} |")
+    text = "\n".join(lines)
+    print(text)
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    (out / "finetune.md").write_text(text.lstrip() + "\n")
+    (out / "finetune.json").write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "seeds": seeds,
+                                                   "aa_limit": args.aa_limit, "runs": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

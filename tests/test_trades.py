@@ -1,0 +1,57 @@
+"""The TRADES KL term against values computed by hand, for each reduction, and the adversaries."""
+import math
+
+import pytest
+import torch
+
+from dist_robust import config
+from dist_robust.methods import build_method
+from dist_robust.methods.trades import kl_term
+from dist_robust.models import build_model
+
+CLEAN = [[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]
+ADV = [[0.0, 1.0, 0.0], [1.0, -1.0, 2.0]]
+
+
+def _softmax(row):
+    z = [math.exp(v) for v in row]
+    return [v / sum(z) for v in z]
+
+
+def _kl_sum_by_hand():
+    total = 0.0
+    for c, a in zip(CLEAN, ADV):
+        p, q = _softmax(c), _softmax(a)
+        total += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+    return total
+
+
+@pytest.mark.parametrize("reduction,divisor", [("sum", 1), ("batchmean", 2), ("mean", 6)])
+def test_kl_term_matches_the_hand_computed_value(reduction, divisor):
+    got = kl_term(torch.tensor(ADV), torch.tensor(CLEAN), reduction, batch=2)
+    assert got.item() == pytest.approx(_kl_sum_by_hand() / divisor, rel=1e-6)
+    # the reference's nn.KLDivLoss on (log_softmax(adv), softmax(clean)) gives the same number
+    ref = torch.nn.KLDivLoss(reduction="sum")(torch.log_softmax(torch.tensor(ADV), 1), torch.softmax(torch.tensor(CLEAN), 1))
+    assert got.item() == pytest.approx(ref.item() / divisor, rel=1e-6)
+
+
+def test_twins_divides_each_wing_by_the_full_batch():
+    half = kl_term(torch.tensor(ADV[:1]), torch.tensor(CLEAN[:1]), "batchmean", batch=2)
+    p, q = _softmax(CLEAN[0]), _softmax(ADV[0])
+    assert half.item() == pytest.approx(sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q)) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("adversary", ["kl", "ce"])
+def test_trades_loss_is_ce_plus_beta_kl_and_the_clean_branch_gets_gradient(adversary):
+    cfg = config.load_config(None, ["method.name=trades", f"attack.loss={adversary}", "attack.eps=0.1",
+                                    "attack.steps=2", "method.beta=3.0"])
+    torch.manual_seed(0)
+    model = build_model("cnn3", 1, 10, [0.5], [0.5]).train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    torch.manual_seed(1)
+    loss, metrics = build_method(cfg).loss(model, x, y)
+    assert loss.requires_grad and metrics["n"].item() == 8
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(config.ConfigError, match="attack.loss"):
+        config.load_config(None, ["method.name=trades", "attack.loss=cw"])
