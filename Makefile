@@ -1,4 +1,4 @@
-# make install | demo | test | bench     (a fresh Debian machine with Python 3.11 needs nothing else)
+# make install | demo | test | bench | results     (a fresh Debian machine with Python 3.11 needs nothing else)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 NPROC ?= 2
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dist_robust train
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench results clean
 
 install: $(STAMP) $(FASHION)
 
@@ -46,6 +46,11 @@ test: install
 bench: install
 	$(PY) bench/train_step.py
 	$(PY) bench/attacks.py
+
+# The fine-tuning comparison (configs/finetune/): 2 pairs x 8 methods x 2 seeds on 2 ranks, with
+# AutoAttack on 100 points per run; resumable. Writes results/finetune.{md,json}.
+results: install
+	$(PY) scripts/finetune_results.py
 
 clean:
 	rm -rf runs .pytest_cache
