@@ -17,9 +17,10 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-# compile=auto: measured by bench/attacks.py (see the README). On the CPU here the fused step ran at
-# about 0.4-0.6x the eager time, but its first compilation costs ~20-30 s, which only pays after a few
-# hundred steps; auto therefore compiles on CUDA and stays eager on the CPU.
+# compile=auto: measured by bench/attacks.py (see the README). On the 2-core CPU here the fused step ran
+# at 0.71-0.87x the eager time (cnn3, widths 32/64, batches 64/256), but its first compilation costs
+# 20-25 s per process, repaid after ~200 (large model and batch) to ~3,500 (the demo's) steps; auto
+# therefore compiles on CUDA and stays eager on the CPU, where compile=on is for long runs.
 COMPILE_AUTO = {"cuda": True, "cpu": False}
 
 _compiled: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
