@@ -33,7 +33,7 @@ def convert(madry_state: dict) -> dict:
         elif key.startswith("model."):
             out["features." + key[len("model."):]] = value
         elif key in ("normalizer.new_mean", "normalizer.new_std"):
-            out["normalize." + key.split("new_")[1]] = value.flatten()
+            out["normalize." + key.split("new_")[1]] = value.reshape(1, -1, 1, 1)  # Normalize's buffer shape
     return out
 
 

@@ -24,6 +24,7 @@ from dist_robust.data import load_dataset
 from dist_robust.models import build_model
 
 N, EPS, BLOCK = 40, 0.015, 20
+L2_EPS = 0.15  # PGD-20 leaves ~9 of the 15 clean-correct L2 points (at 0.5 APGD-CE took all on one machine)
 COUNTS = ("attacked", "robust", "rejected")
 
 
@@ -246,14 +247,14 @@ def test_l2_cascade_in_bounds_and_model_state_restored(trained):
     model.train()  # attack_mode must put BN in eval mode and give the model back as it was
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        res = autoattack(model, test, 0.5, norm="L2", limit=20, block_size=BLOCK, batch_size=BLOCK,
+        res = autoattack(model, test, L2_EPS, norm="L2", limit=20, block_size=BLOCK, batch_size=BLOCK,
                          attacks=("apgd-ce", "apgd-t", "fab-t"))
         assert model.training and all(p.requires_grad for p in model.parameters())
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
     finally:
         model.eval()
     x, y = test.images[:20].float() / 255, test.labels[:20]
-    x_pgd = pgd(model, x, y, 0.5, 20, norm="L2")
+    x_pgd = pgd(model, x, y, L2_EPS, 20, norm="L2")
     with torch.no_grad():
         pgd_robust = int(((model(x).argmax(1) == y) & (model(x_pgd).argmax(1) == y)).sum())
     assert res["norm"] == "L2" and res["version"] == "apgd-ce+apgd-t+fab-t"

@@ -150,5 +150,6 @@ def model_from_state(name: str, state: dict[str, torch.Tensor]) -> ImageClassifi
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint does not fit model {name!r}: {str(e).splitlines()[0]}") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])  # line 0 is only a heading
+        raise ValueError(f"checkpoint does not fit model {name!r}: {detail}") from None
     return model
