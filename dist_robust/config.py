@@ -27,6 +27,7 @@ class DataConfig:
     root: Optional[str] = None          # folder of user-provided data (cifar10, cifar100, svhn, imagefolder)
     image_size: Optional[int] = None    # imagefolder only: side of the square images
     subset: Optional[int] = None        # train on a fixed, seeded, stratified subset of this many images
+    holdout: int = 0                    # hold this many training images out as the "val" split (selection)
     batch_size: int = 128               # GLOBAL batch, split evenly over the ranks
     eval_batch_size: int = 500          # per rank
     crop_padding: int = 0               # random crop with this zero padding (0: no crop)
@@ -39,8 +40,10 @@ class ModelConfig:
     init_from: Optional[str] = None     # source checkpoint (.safetensors) or run folder to fine-tune from
     new_head: bool = True               # fresh head for the target classes (keep the source's if False)
     sync_bn: bool = False               # synchronise BN batch statistics across ranks (gloo and nccl)
-    trainable: str = "all"              # all | head (linear probing) | last_k (partial fine-tuning)
+    trainable: str = "all"              # all | head (linear probing) | last_k (partial fine-tuning) | modules
     last_k: int = 1                     # last_k: how many backbone blocks train (with the head)
+    modules: List[str] = field(default_factory=list)  # modules: their names; "lowest_mrc": RiFT's choice,
+                                        # read from the mrc.json of the run that model.init_from names
     frozen_bn: str = "freeze_all"       # BN of the frozen part: freeze_all | freeze_stats | train
     tuned_bn: str = "auto"              # BN of the tuned part: train | freeze_stats | freeze_all | dual
                                         # (auto: dual for TWINS methods, train otherwise)
@@ -52,6 +55,9 @@ class MethodConfig:
     beta: float = 6.0                   # TRADES / TWINS-TRADES weight of the KL term
     kl_reduction: str = "batchmean"     # TRADES KL: batchmean (sum / local batch, the reference) | sum | mean
     twins_lambda: float = 1.0           # TWINS weight of the frozen wing's loss (1.0 CIFAR, 0.4 high-res)
+    cartl_lambda: float = 0.01          # CARTL stage 1: weight of the feature distance (summed over the rank's batch)
+    sn_beta: float = 1.0                # CARTL stage 2: spectral-norm bound of the tuned layers (0.4 for GTSRB)
+    sn_power_iters: int = 1             # CARTL stage 2: power iterations per training forward
 
 
 @dataclass
@@ -109,6 +115,22 @@ class EvalConfig:
 
 
 @dataclass
+class RiftConfig:
+    """RiFT's two stage kinds (engine/rift_stages.py; design/methods.md section 3)."""
+    eps_w: float = 0.1                  # rift_mrc: relative Frobenius radius of one module's weight perturbation
+    mrc_epochs: int = 10                # rift_mrc: projected gradient-ascent epochs over the adversarial set
+    mrc_lr: float = 1.0                 # rift_mrc: ascent step (SGD lr on the batch-mean CE)
+    mrc_batch_size: int = 512           # rift_mrc: ascent batch (part of the method, as in the authors' code)
+    mrc_split: str = "train"            # rift_mrc: images of the fixed PGD set (attack.*): train | val | test
+    mrc_points: int = 1000              # rift_mrc: the first N images of that split
+    robust_from: Optional[str] = None   # rift_interpolate: the robust model (a path, previous or stage:NAME)
+    alphas: List[float] = field(default_factory=lambda: [i / 10 for i in range(11)])
+    select_split: str = "val"           # rift_interpolate: where the alpha curve is measured (data.holdout)
+    select_attack: str = "pgd-10"       # rift_interpolate: robust accuracy of the curve (eval.eps, eval.norm)
+    tau: float = 0.0                    # rift_interpolate: allowed robust-accuracy drop from alpha = 0
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"               # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 1800
@@ -122,7 +144,15 @@ class RunConfig:
 
 
 @dataclass
+class StageConfig:
+    """What a run does: ``train`` (the default), or another kind of a multi-stage recipe's stage
+    (engine/stages.py). In a recipe's ``stages`` list, ``kind: K`` is short for ``stage: {kind: K}``."""
+    kind: str = "train"
+
+
+@dataclass
 class Config:
+    stage: StageConfig = field(default_factory=StageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -130,6 +160,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rift: RiftConfig = field(default_factory=RiftConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -155,23 +186,23 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | None = None, overrides: List[str] = (), world_size: int = 1) -> Config:
-    """Defaults <- recipe file <- overrides, then validation. Raises ConfigError (one line)."""
-    schema = OmegaConf.structured(Config)
-    layers = []
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path!r} not found")
-        try:
-            recipe = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(recipe, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of sections")
-        layers.append(OmegaConf.create(recipe))
+def _read_recipe(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} not found")
     try:
-        merged = OmegaConf.merge(schema, *layers)
+        recipe = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+    return recipe
+
+
+def _merge(layers: List[dict], overrides: List[str]) -> Config:
+    """Defaults <- each layer <- overrides, without validation."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *(OmegaConf.create(x) for x in layers))
         for text in overrides:
             key, value = _parse_override(text)
             if "." not in key:
@@ -179,11 +210,68 @@ def load_config(path: str | None = None, overrides: List[str] = (), world_size: 
             if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
                 raise ConfigError(f"{key}={value!r}: unknown key")
             OmegaConf.update(merged, key, value, merge=False)
-        cfg: Config = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+
+
+def load_config(path: str | None = None, overrides: List[str] = (), world_size: int = 1) -> Config:
+    """Defaults <- recipe file <- overrides, then validation. Raises ConfigError (one line)."""
+    recipe = _read_recipe(path) if path is not None else {}
+    if "stages" in recipe:
+        raise ConfigError(f"config file {path!r} is a multi-stage recipe: load it with load_stages")
+    cfg = _merge([recipe], overrides)
     validate(cfg, world_size)
     return cfg
+
+
+PREVIOUS = "previous"  # a stage's model.init_from or rift.robust_from: the stage before it; "stage:NAME": that one
+STAGE_REFERENCES = (("model", "init_from"), ("rift", "robust_from"))
+
+
+def load_stages(path: str, overrides: List[str] = (), world_size: int = 1) -> List[Config]:
+    """A recipe as a list of stage configs, all validated before anything runs.
+
+    A plain recipe is one ``train`` stage. A recipe with ``stages:`` is a pipeline: its other sections
+    are shared; each entry of the list adds its own sections plus ``name`` (its folder) and ``kind``.
+    Overrides apply to every stage, except ``run.name`` / ``run.out_dir``, which name the pipeline's
+    folder: stage S of pipeline P writes to ``run.out_dir/P/S``. ``model.init_from: previous`` (or
+    ``stage:NAME``) starts a stage from an earlier stage's exported model.
+    """
+    recipe = _read_recipe(path)
+    stages = recipe.pop("stages", None)
+    if stages is None:
+        return [load_config(path, overrides, world_size)]
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise ConfigError(f"stages in {path!r}: expected a non-empty list of mappings")
+    pipeline = _merge([recipe], overrides)
+    folder = Path(pipeline.run.out_dir) / pipeline.run.name
+    out, done = [], {}
+    for i, entry in enumerate(stages):
+        entry = dict(entry)
+        name, kind = entry.pop("name", None), entry.pop("kind", None)
+        if not name or not isinstance(name, str) or "/" in name or name in (".", "..") or name in done:
+            raise ConfigError(f"stages[{i}].name={name!r}: each stage needs a unique plain folder name")
+        if kind is not None:
+            entry.setdefault("stage", {})["kind"] = kind
+        for section, key in STAGE_REFERENCES:  # previous / stage:NAME -> that stage's folder
+            ref = (entry.get(section) or {}).get(key)
+            if ref == PREVIOUS or (isinstance(ref, str) and ref.startswith("stage:")):
+                source = list(done)[-1] if ref == PREVIOUS and done else ref.removeprefix("stage:")
+                if source not in done:
+                    raise ConfigError(f"stages[{i}] ({name}) {section}.{key}={ref!r}: "
+                                      + ("the first stage has no previous one" if ref == PREVIOUS else
+                                         f"no earlier stage named {source!r}"))
+                entry[section] = {**entry[section], key: str(done[source])}
+        cfg = _merge([recipe, entry], overrides)
+        cfg.run.out_dir, cfg.run.name = str(folder), name
+        try:
+            validate(cfg, world_size, pending=set(map(str, done.values())))
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}] ({name}): {e}") from None
+        done[name] = folder / name
+        out.append(cfg)
+    return out
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -191,8 +279,9 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Impossible values, caught before any rank starts. Imports are local: config stays light."""
+def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> None:
+    """Impossible values, caught before any rank starts. Imports are local: config stays light.
+    ``pending``: paths that an earlier stage of the same recipe will create."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
@@ -200,8 +289,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from .models.partial import BN_POLICIES, TRAINABLE
     from .attacks.pgd import LOSSES, NORMS
     from .engine.evaluate import parse_attack
+    from .engine.stages import STAGE_KINDS
 
     d, a, o, t = cfg.data, cfg.attack, cfg.optim, cfg.train
+    _check(cfg.stage.kind in STAGE_KINDS, "stage.kind", cfg.stage.kind,
+           f"unknown stage kind (known: {', '.join(STAGE_KINDS)})")
     _check(d.name in DATASETS, "data.name", d.name, f"unknown dataset (known: {', '.join(sorted(DATASETS))})")
     _check(cfg.model.name in MODELS, "model.name", cfg.model.name,
            f"unknown model (known: {', '.join(sorted(MODELS))})")
@@ -217,9 +309,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "must be positive")
     _check(d.subset is None or d.subset > 0, "data.subset", d.subset, "must be positive")
     _check(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "must be >= 0")
+    _check(d.holdout >= 0, "data.holdout", d.holdout, "must be >= 0")
     m, meth = cfg.model, cfg.method
     _check(m.trainable in TRAINABLE, "model.trainable", m.trainable, f"must be one of {', '.join(TRAINABLE)}")
     _check(m.last_k >= 1, "model.last_k", m.last_k, "must be >= 1")
+    _check((m.trainable == "modules") == bool(m.modules), "model.modules", m.modules,
+           "names the tuned modules when model.trainable=modules, and only then")
+    _check("lowest_mrc" not in m.modules or (m.modules == ["lowest_mrc"] and m.init_from is not None),
+           "model.modules", m.modules, "lowest_mrc stands alone and needs model.init_from (a rift_mrc stage)")
     _check(m.frozen_bn in BN_POLICIES[:3], "model.frozen_bn", m.frozen_bn,
            f"must be one of {', '.join(BN_POLICIES[:3])}")
     _check(m.tuned_bn in ("auto",) + BN_POLICIES, "model.tuned_bn", m.tuned_bn,
@@ -238,6 +335,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(not METHODS[meth.name].trades_loss or a.loss in ("kl", "ce"), "attack.loss", a.loss,
            f"{meth.name} takes the KL adversary (TRADES' reference) or the CE adversary (TWINS' and Adv-SS' code)")
     _check(meth.twins_lambda >= 0, "method.twins_lambda", meth.twins_lambda, "must be >= 0")
+    _check(meth.cartl_lambda >= 0, "method.cartl_lambda", meth.cartl_lambda, "must be >= 0")
+    _check(meth.sn_beta > 0, "method.sn_beta", meth.sn_beta, "must be > 0")
+    _check(meth.sn_power_iters >= 1, "method.sn_power_iters", meth.sn_power_iters, "must be >= 1")
     _check(a.eps >= 0, "attack.eps", a.eps, "must be >= 0")
     _check(a.steps > 0, "attack.steps", a.steps, "must be > 0")
     _check(a.step_size is None or a.step_size > 0, "attack.step_size", a.step_size, "must be > 0")
@@ -269,7 +369,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"must be one of {', '.join(NORMS)}")
     _check(cfg.eval.restarts > 0, "eval.restarts", cfg.eval.restarts, "must be > 0")
     _check(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", cfg.eval.limit, "must be > 0")
-    _check(cfg.eval.split in ("train", "test"), "eval.split", cfg.eval.split, "must be train or test")
+    _check(cfg.eval.split in ("train", "test") or (cfg.eval.split == "val" and d.holdout > 0), "eval.split",
+           cfg.eval.split, "must be train, test, or val with data.holdout > 0")
     for name in cfg.eval.attacks:
         try:
             parse_attack(name)
@@ -280,8 +381,30 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
            "run.name", cfg.run.name, "must be a plain folder name")
-    if cfg.model.init_from is not None:
-        _check(Path(cfg.model.init_from).exists(), "model.init_from", cfg.model.init_from, "no such file or folder")
+    for key, path in (("model.init_from", cfg.model.init_from), ("rift.robust_from", cfg.rift.robust_from)):
+        _check(path is None or Path(path).exists() or path in pending, key, path, "no such file or folder")
+    r = cfg.rift
+    _check(r.eps_w >= 0, "rift.eps_w", r.eps_w, "must be >= 0")
+    _check(r.mrc_epochs >= 1, "rift.mrc_epochs", r.mrc_epochs, "must be >= 1")
+    _check(r.mrc_lr > 0, "rift.mrc_lr", r.mrc_lr, "must be > 0")
+    _check(r.mrc_batch_size >= 1, "rift.mrc_batch_size", r.mrc_batch_size, "must be >= 1")
+    _check(r.mrc_points >= 1, "rift.mrc_points", r.mrc_points, "must be >= 1")
+    for key, split, kind in (("rift.mrc_split", r.mrc_split, "rift_mrc"),
+                             ("rift.select_split", r.select_split, "rift_interpolate")):
+        _check(cfg.stage.kind != kind or split in ("train", "test") or (split == "val" and d.holdout > 0), key,
+               split, "must be train, test, or val with data.holdout > 0")
+    _check(bool(r.alphas) and 0.0 in r.alphas and all(0 <= x <= 1 for x in r.alphas), "rift.alphas", r.alphas,
+           "alphas in [0, 1], 0 (the robust model) included")
+    _check(r.tau >= 0, "rift.tau", r.tau, "must be >= 0")
+    try:
+        iterative = parse_attack(r.select_attack)["kind"] == "pgd"
+    except ValueError:
+        iterative = False
+    _check(iterative, "rift.select_attack", r.select_attack, "must be pgd-K or cw-K")
+    _check(cfg.stage.kind != "rift_interpolate" or (r.robust_from and cfg.model.init_from), "rift.robust_from",
+           r.robust_from, "rift_interpolate needs the robust model (rift.robust_from) and the tuned one (model.init_from)")
+    _check(cfg.stage.kind != "rift_mrc" or cfg.model.init_from, "model.init_from", cfg.model.init_from,
+           "rift_mrc measures a trained model: model.init_from names it")
 
 
 def to_dict(cfg: Config) -> dict:
