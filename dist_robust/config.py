@@ -8,6 +8,7 @@ into exit status 2 before any rank starts training.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -19,6 +20,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A user mistake in a recipe or an override; the message is one line."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (as YAML 1.2): YAML 1.1 also reads on/off/yes/no as
+    booleans, so ``attack.compile=off`` would arrive as False and fail as the string 'False'."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
 
 
 @dataclass
@@ -180,7 +193,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
     try:  # YAML scalars and lists: 0.1, true, null, [10, 15]
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_YamlLoader) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -191,7 +204,7 @@ def _read_recipe(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {path!r} not found")
     try:
-        recipe = yaml.safe_load(p.read_text()) or {}
+        recipe = yaml.load(p.read_text(), Loader=_YamlLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(recipe, dict):

@@ -6,7 +6,8 @@
 For each pair: the robust and the clean source (seed 0), then each method for each seed under torchrun
 (clean + PGD-20 on the full test split, written by training), then standard AutoAttack on the first
 ``--aa-limit`` test points. Finished runs and evaluations are skipped, so the command resumes.
-Prints a markdown table (mean +- sample std over seeds) and writes results/finetune.{md,json}.
+Writes results/finetune.json after every run (commit it: a later session, even on a fresh machine,
+runs only what it lacks) and results/finetune.md, a markdown table (mean +- sample std over seeds).
 """
 from __future__ import annotations
 
@@ -63,6 +64,30 @@ def summary(values: list[float]) -> str:
     return f"{mean:.1f} ± {spread:.1f}"
 
 
+def write(table: dict, args, out: Path) -> str:
+    """results/finetune.json (every finished run, so a later session resumes from the committed file)
+    and results/finetune.md (the table over the runs present)."""
+    out.mkdir(exist_ok=True)
+    (out / "finetune.json").write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "aa_limit": args.aa_limit,
+                                                   "runs": table}, indent=1))
+    lines = []
+    for pair, rows in table.items():
+        runs = [r for seeds in rows.values() for r in seeds.values()]
+        if not runs:
+            continue
+        lines += [f"\n**{TITLES.get(pair, pair)}** (L-inf eps 0.1; clean and PGD-20 on the {runs[0]['n']:,} test "
+                  f"images, AutoAttack on the first {args.aa_limit}; mean ± std over seeds)\n",
+                  "| method | seeds | clean % | PGD-20 % | AutoAttack % |", "|---|---|---|---|---|"]
+        for method in [m for m in METHODS if m in rows] + [m for m in rows if m not in METHODS]:
+            runs = list(rows[method].values())
+            aa = summary([r["aa"] for r in runs]) if all("aa" in r for r in runs) else "-"
+            lines.append(f"| {method} | {','.join(rows[method])} | {summary([r['clean'] for r in runs])} | "
+                         f"{summary([r['pgd20'] for r in runs])} | {aa} |")
+    text = "\n".join(lines)
+    (out / "finetune.md").write_text(text.lstrip() + "\n")
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--pairs", default=",".join(TITLES))
@@ -71,33 +96,22 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--aa-limit", type=int, default=100)
     args = p.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    out = ROOT / "results"
     table: dict = {}
+    if (out / "finetune.json").is_file():  # runs recorded earlier (maybe on another machine) are kept
+        saved = json.loads((out / "finetune.json").read_text())
+        table = saved["runs"] if saved.get("aa_limit") == args.aa_limit else {}
     for pair in args.pairs.split(","):
         folder = ROOT / "configs" / "finetune" / pair
-        for source in ("source_at", "source_clean"):
+        rows = table.setdefault(pair, {})
+        todo = [(m, s) for m in args.methods.split(",") for s in args.seeds.split(",") if s not in rows.get(m, {})]
+        for source in ("source_at", "source_clean") if todo else ():
             if not (run_dir(folder / f"{source}.yaml", source) / "results.json").is_file():
                 torchrun(args.nproc, "train", str(folder / f"{source}.yaml"))
-        table[pair] = {m: [one_run(folder / f"{m}.yaml", s, args.nproc, args.aa_limit) for s in seeds]
-                       for m in args.methods.split(",")}
-
-    lines = []
-    for pair, rows in table.items():
-        n = next(iter(rows.values()))[0]
-        lines += [f"\n**{TITLES.get(pair, pair)}** (L-inf eps 0.1; clean and PGD-20 on the {n['n']:,} test images, "
-                  f"AutoAttack on the first {args.aa_limit}; mean ± std over seeds {args.seeds})\n",
-                  "| method | clean % | PGD-20 % | AutoAttack % |", "|---|---|---|---|"]
-        for method, runs in rows.items():
-            aa = summary([r["aa"] for r in runs]) if args.aa_limit else "-"
-            lines.append(f"| {method} | {summary([r['clean'] for r in runs])} | "
-                         f"{summary([r['pgd20'] for r in runs])} | {aa} |")
-    text = "\n".join(lines)
-    print(text)
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    (out / "finetune.md").write_text(text.lstrip() + "\n")
-    (out / "finetune.json").write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "seeds": seeds,
-                                                   "aa_limit": args.aa_limit, "runs": table}, indent=1))
+        for method, seed in todo:
+            rows.setdefault(method, {})[seed] = one_run(folder / f"{method}.yaml", int(seed), args.nproc, args.aa_limit)
+            write(table, args, out)
+    print(write(table, args, out))
 
 
 if __name__ == "__main__":

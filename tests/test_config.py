@@ -75,3 +75,12 @@ def test_console_entries_exit_2(program):
     r = subprocess.run(program + ["train", RECIPE, "attack.eps=-1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "attack.eps=-1" in r.stderr
+
+
+def test_on_off_yes_no_stay_strings_in_overrides_and_recipes(tmp_path):
+    """YAML 1.1 would read them as booleans: attack.compile=off must reach the config as 'off'."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("attack: {compile: off}\neval: {at_end: false}\n")
+    cfg = load_config(str(recipe))
+    assert cfg.attack.compile == "off" and cfg.eval.at_end is False
+    assert load_config(None, ["attack.compile=on", "data.flip=true"]).attack.compile == "on"
