@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--restarts", type=int, default=1, help="pgd-K / cw-K: worst case over this many starts")
     e.add_argument("--compile", default=None, choices=["on", "off", "auto"], help="fused PGD step")
     e.add_argument("--batch-size", type=int, default=None, help="per-rank evaluation batch")
+    e.add_argument("--aa-block-size", type=int, default=None,
+                   help="AutoAttack points per block (sharding and seeding unit; default 500)")
     e.add_argument("--root", default=None, help="data folder for user-provided datasets")
     e.add_argument("--seed", type=int, default=0, help="seed of the per-point random starts")
     e.add_argument("--out", default=None, help="results file (default: eval-DATASET-SPLIT.json by the checkpoint)")
@@ -60,6 +62,8 @@ def _eval_config(args):
         cfg.attack.compile = args.compile
     if args.batch_size is not None:
         cfg.data.eval_batch_size = args.batch_size
+    if args.aa_block_size is not None:
+        cfg.eval.aa_block_size = args.aa_block_size
     validate(cfg)  # world size 1: the only world-size check concerns the training batch, unused here
     out = Path(args.out) if args.out else sidecar.parent / f"eval-{args.dataset}-{args.split}.json"
     return cfg, sidecar, out

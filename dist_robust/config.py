@@ -124,6 +124,8 @@ class EvalConfig:
     split: str = "test"
     limit: Optional[int] = None         # evaluate the first N points only
     seed: int = 0                       # random starts are seeded per point from (seed, global index)
+    aa_block_size: int = 500            # AutoAttack: points per block, its unit of sharding and seeding (ranks
+                                        # share whole blocks: fewer points than ranks x this leaves ranks idle)
     at_end: bool = True                 # evaluate after training and write results.json
 
 
@@ -381,6 +383,7 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> No
     _check(cfg.eval.norm is None or cfg.eval.norm in NORMS, "eval.norm", cfg.eval.norm,
            f"must be one of {', '.join(NORMS)}")
     _check(cfg.eval.restarts > 0, "eval.restarts", cfg.eval.restarts, "must be > 0")
+    _check(cfg.eval.aa_block_size > 0, "eval.aa_block_size", cfg.eval.aa_block_size, "must be > 0")
     _check(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", cfg.eval.limit, "must be > 0")
     _check(cfg.eval.split in ("train", "test") or (cfg.eval.split == "val" and d.holdout > 0), "eval.split",
            cfg.eval.split, "must be train, test, or val with data.holdout > 0")

@@ -48,8 +48,9 @@ def one_run(recipe: Path, seed: int, nproc: int, aa_limit: int) -> dict:
     res = json.loads((out / "results.json").read_text())
     aa_file = out / f"aa{aa_limit}.json"
     if aa_limit and not aa_file.is_file():
+        # Blocks of 50: both ranks attack (one block of the default 500 would leave rank 1 idle).
         torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", res["dataset"], "--attacks", "clean,aa",
-                 "--limit", str(aa_limit), "--out", str(aa_file))
+                 "--limit", str(aa_limit), "--aa-block-size", "50", "--out", str(aa_file))
     row = {"clean": res["clean"]["acc"], "pgd20": res["attacks"]["pgd-20"]["acc"], "n": res["n"],
            "train_s": train_seconds(out), "eval_s": res["seconds"]}
     if aa_limit:

@@ -30,6 +30,7 @@ BAD = [
     (["model.name=vit_huge"], "model.name"),          # unknown model
     (["eval.attacks=[clean,pgd-0]"], "eval.attacks"),  # impossible attack
     (["model.init_from=/no/such/ckpt"], "model.init_from"),
+    (["eval.aa_block_size=0"], "eval.aa_block_size"),
     (["noequals"], "noequals"),
     (["data.name=cifar10"], "data.root"),           # user data without a folder
     (["data.name=cifar10", "data.root=/no/such/dir"], "data.root"),

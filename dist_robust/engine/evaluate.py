@@ -56,7 +56,7 @@ def _correct(model, x, y):
 def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, batch_size: int,
              device: torch.device, limit: int | None = None, seed: int = 0, norm: str = "Linf",
              restarts: int = 1, attack_opts: dict | None = None, aa_state_dir: Path | None = None,
-             fingerprint: str = "", progress=None) -> dict:
+             fingerprint: str = "", progress=None, aa_block_size: int = 500) -> dict:
     """Evaluate the unwrapped ``model`` on this rank's shard; returns the summed results dict.
     attack_opts: extra pgd() keywords (compile, precision, channels_last)."""
     specs = {name: parse_attack(name) for name in attacks if name != "clean"}
@@ -104,15 +104,16 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
                                        "seed": seed, "time_s": seconds[1 + j].item()}
         else:
             result["attacks"][name] = _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed,
-                                                  aa_state_dir, fingerprint)
+                                                  aa_state_dir, fingerprint, aa_block_size)
     return result
 
 
-def _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed, state_dir, fingerprint) -> dict:
+def _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed, state_dir, fingerprint,
+                block_size) -> dict:
     from ..attacks.autoattack import autoattack
     t0 = time.perf_counter()
     res = autoattack(model, dataset, eps, norm=norm, batch_size=batch_size, device=device, limit=limit,
-                     seed=seed, state_dir=state_dir, fingerprint=fingerprint)
+                     seed=seed, state_dir=state_dir, fingerprint=fingerprint, block_size=block_size)
     return {"correct": res["correct"], "acc": res["acc"], "eps": eps, "norm": norm, "steps": AA_STEPS,
             "version": res["version"], "block_size": res["block_size"], "seed": seed,
             "per_attack": res["per_attack"], "time_s": time.perf_counter() - t0}

@@ -158,7 +158,7 @@ def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal
                       seed=e.seed, norm=norm, restarts=e.restarts,
                       attack_opts=dict(compile=a.compile, precision=a.precision, channels_last=a.channels_last),
                       aa_state_dir=out.with_name(out.stem + ".aa-state"), fingerprint=fingerprint,
-                      progress=lambda it: _progress(it, None, "eval"))
+                      progress=lambda it: _progress(it, None, "eval"), aa_block_size=e.aa_block_size)
     results = {"dataset": cfg.data.name, "split": e.split, **counts, "checkpoint": checkpoint,
                "seconds": time.perf_counter() - t0, "config": to_dict(cfg)}
     if dist.is_main():
