@@ -8,6 +8,7 @@ into exit status 2 before any rank starts training.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,21 @@ class MethodConfig:
     cartl_lambda: float = 0.01          # CARTL stage 1: weight of the feature distance (summed over the rank's batch)
     sn_beta: float = 1.0                # CARTL stage 2: spectral-norm bound of the tuned layers (0.4 for GTSRB)
     sn_power_iters: int = 1             # CARTL stage 2: power iterations per training forward
+    # Adv-SS pretext pre-training (adv_rotation, adv_jigsaw, adv_selfie, adv_ss_ensemble; methods/adv_ss.py)
+    ensemble_tasks: List[str] = field(default_factory=lambda: ["rotation", "jigsaw", "selfie"])
+                                        # adv_ss_ensemble: the pretext tasks trained together (2 or 3)
+    ensemble_export: str = "rotation"   # adv_ss_ensemble: the branch exported with the trunk (rotation | jigsaw)
+    ensemble_branch_blocks: int = 1     # adv_ss_ensemble: the backbone's last blocks each task owns a copy of
+                                        # (1: ResNet-50's layer4, as the authors; preact_resnet18: 2 = layer4 + bn)
+    adv_ss_lambda: float = 0.1          # adv_ss_ensemble: weight of the log-det diversity penalty (attack and loss)
+    jigsaw_grid: int = 4                # tiles per side, must divide the image (32: 8x8 tiles, 28: 7x7)
+    jigsaw_perms: int = 30              # random tile permutations; classes = jigsaw_perms + 1 (0: unshuffled)
+    jigsaw_seed: int = 0                # seed of the permutation table (saved in the model: head.permutations)
+    selfie_grid: int = 4                # patches per side; grid^2 // 4 of them are the targets
+    selfie_layers: int = 2              # selfie attention-pooling layers (the authors: 13 at width 1024)
+    selfie_heads: int = 4               # selfie attention heads; must divide the patch feature size
+    selfie_faithful: bool = False       # selfie as the authors: raw dot-product scores, CE on their softmax
+                                        # (a double softmax); false: scores / sqrt(width), plain CE
 
 
 @dataclass
@@ -353,6 +369,7 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> No
     _check(meth.cartl_lambda >= 0, "method.cartl_lambda", meth.cartl_lambda, "must be >= 0")
     _check(meth.sn_beta > 0, "method.sn_beta", meth.sn_beta, "must be > 0")
     _check(meth.sn_power_iters >= 1, "method.sn_power_iters", meth.sn_power_iters, "must be >= 1")
+    _check_adv_ss(cfg, METHODS, DATASETS)
     _check(a.eps >= 0, "attack.eps", a.eps, "must be >= 0")
     _check(a.steps > 0, "attack.steps", a.steps, "must be > 0")
     _check(a.step_size is None or a.step_size > 0, "attack.step_size", a.step_size, "must be > 0")
@@ -421,6 +438,42 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> No
            r.robust_from, "rift_interpolate needs the robust model (rift.robust_from) and the tuned one (model.init_from)")
     _check(cfg.stage.kind != "rift_mrc" or cfg.model.init_from, "model.init_from", cfg.model.init_from,
            "rift_mrc measures a trained model: model.init_from names it")
+
+
+def _check_adv_ss(cfg: Config, methods: dict, datasets: dict) -> None:
+    """Adv-SS keys (methods/adv_ss.py); the image-size checks only for the tasks the method trains."""
+    from .methods.adv_ss import TASKS
+    meth, a, d = cfg.method, cfg.attack, cfg.data
+    tasks = meth.ensemble_tasks
+    _check(len(set(tasks)) == len(tasks) >= 2 and set(tasks) <= set(TASKS), "method.ensemble_tasks", tasks,
+           f"two or three distinct tasks from {', '.join(TASKS)}")
+    _check(meth.ensemble_export in tasks and meth.ensemble_export != "selfie", "method.ensemble_export",
+           meth.ensemble_export, "must be rotation or jigsaw, and one of method.ensemble_tasks")
+    _check(meth.ensemble_branch_blocks >= 1, "method.ensemble_branch_blocks", meth.ensemble_branch_blocks,
+           "must be >= 1")
+    _check(meth.adv_ss_lambda >= 0, "method.adv_ss_lambda", meth.adv_ss_lambda, "must be >= 0")
+    _check(meth.jigsaw_grid >= 2, "method.jigsaw_grid", meth.jigsaw_grid, "must be >= 2")
+    _check(1 <= meth.jigsaw_perms < math.factorial(meth.jigsaw_grid ** 2), "method.jigsaw_perms",
+           meth.jigsaw_perms, f"must be in [1, {meth.jigsaw_grid ** 2}! - 1]")
+    _check(meth.selfie_grid >= 3, "method.selfie_grid", meth.selfie_grid, "must be >= 3 (two targets or more)")
+    _check(meth.selfie_layers >= 1, "method.selfie_layers", meth.selfie_layers, "must be >= 1")
+    _check(meth.selfie_heads >= 1, "method.selfie_heads", meth.selfie_heads, "must be >= 1")
+    name = meth.name
+    if not methods[name].pretext:
+        return
+    used = set(tasks) if name == "adv_ss_ensemble" else {name.removeprefix("adv_")}
+    size = (d.image_size or 224) if d.name == "imagefolder" else datasets[d.name].info.size
+    for task, key, grid in (("jigsaw", "method.jigsaw_grid", meth.jigsaw_grid),
+                            ("selfie", "method.selfie_grid", meth.selfie_grid)):
+        _check(task not in used or size % grid == 0, key, grid, f"must divide {d.name}'s image size {size}")
+    _check(not cfg.eval.at_end, "eval.at_end", cfg.eval.at_end,
+           f"{name} trains a pretext head, not a {d.name} classifier: set eval.at_end=false")
+    _check(a.loss == "ce", "attack.loss", a.loss, f"{name} attacks the pretext task's cross-entropy: use ce")
+    if name == "adv_ss_ensemble":  # the joint attack and the penalty differentiate through input gradients
+        _check(a.restarts == 1, "attack.restarts", a.restarts, "the ensemble's joint attack takes one start")
+        _check(a.precision == "fp32", "attack.precision", a.precision, "the ensemble's log-det runs in fp32")
+        _check(not cfg.model.sync_bn, "model.sync_bn", cfg.model.sync_bn,
+               "the ensemble's double backward is not supported through synchronised BN")
 
 
 def to_dict(cfg: Config) -> dict:
