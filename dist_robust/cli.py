@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import dist
-from .config import ConfigError, from_dict, load_config, validate
+from .config import ConfigError, from_dict, load_stages, validate
 
 USAGE_ERROR, RUN_ERROR = 2, 1
 
@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint: clean and PGD accuracy, exact over ranks")
     e.add_argument("--checkpoint", required=True, help="model .safetensors, its .json sidecar, or a run folder")
     e.add_argument("--dataset", required=True)
-    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="val: the training images the run held out (data.holdout)")
     e.add_argument("--limit", "--n-ex", type=int, default=None, help="evaluate the first N points")
     e.add_argument("--attacks", default="clean,pgd-20", help="comma-separated: clean, pgd-K, cw-K, aa")
     e.add_argument("--eps", type=float, default=None, help="radius (default: the checkpoint's attack.eps)")
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
     from .engine.checkpoint import CheckpointError
     try:  # every user mistake is caught here, before the process group exists
         if args.command == "train":
-            cfg = load_config(args.config, args.overrides, env.world_size)
+            stages = load_stages(args.config, args.overrides, env.world_size)
+            cfg = stages[0]
         else:
             if args.limit is not None and args.limit <= 0:
                 raise ConfigError(f"--limit={args.limit}: must be > 0")
@@ -122,8 +124,12 @@ def main(argv=None) -> int:
     dist.setup_logging(env.rank == 0)
     try:
         if args.command == "train":
+            from .engine.stages import run_stages
             from .engine.train import train
-            train(cfg, device)
+            if len(stages) == 1 and stages[0].stage.kind == "train":
+                train(cfg, device)  # a plain recipe: its run folder, no stage marker
+            else:
+                run_stages(stages, device)
         else:
             _run_eval(cfg, sidecar, out, device)
     except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:

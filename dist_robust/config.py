@@ -8,6 +8,7 @@ into exit status 2 before any rank starts training.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class DataConfig:
     root: Optional[str] = None          # folder of user-provided data (cifar10, cifar100, svhn, imagefolder)
     image_size: Optional[int] = None    # imagefolder only: side of the square images
     subset: Optional[int] = None        # train on a fixed, seeded, stratified subset of this many images
+    holdout: int = 0                    # hold this many training images out as the "val" split (selection)
     batch_size: int = 128               # GLOBAL batch, split evenly over the ranks
     eval_batch_size: int = 500          # per rank
     crop_padding: int = 0               # random crop with this zero padding (0: no crop)
@@ -52,8 +54,10 @@ class ModelConfig:
     init_from: Optional[str] = None     # source checkpoint (.safetensors) or run folder to fine-tune from
     new_head: bool = True               # fresh head for the target classes (keep the source's if False)
     sync_bn: bool = False               # synchronise BN batch statistics across ranks (gloo and nccl)
-    trainable: str = "all"              # all | head (linear probing) | last_k (partial fine-tuning)
+    trainable: str = "all"              # all | head (linear probing) | last_k (partial fine-tuning) | modules
     last_k: int = 1                     # last_k: how many backbone blocks train (with the head)
+    modules: List[str] = field(default_factory=list)  # modules: their names; "lowest_mrc": RiFT's choice,
+                                        # read from the mrc.json of the run that model.init_from names
     frozen_bn: str = "freeze_all"       # BN of the frozen part: freeze_all | freeze_stats | train
     tuned_bn: str = "auto"              # BN of the tuned part: train | freeze_stats | freeze_all | dual
                                         # (auto: dual for TWINS methods, train otherwise)
@@ -65,6 +69,24 @@ class MethodConfig:
     beta: float = 6.0                   # TRADES / TWINS-TRADES weight of the KL term
     kl_reduction: str = "batchmean"     # TRADES KL: batchmean (sum / local batch, the reference) | sum | mean
     twins_lambda: float = 1.0           # TWINS weight of the frozen wing's loss (1.0 CIFAR, 0.4 high-res)
+    cartl_lambda: float = 0.01          # CARTL stage 1: weight of the feature distance (summed over the rank's batch)
+    sn_beta: float = 1.0                # CARTL stage 2: spectral-norm bound of the tuned layers (0.4 for GTSRB)
+    sn_power_iters: int = 1             # CARTL stage 2: power iterations per training forward
+    # Adv-SS pretext pre-training (adv_rotation, adv_jigsaw, adv_selfie, adv_ss_ensemble; methods/adv_ss.py)
+    ensemble_tasks: List[str] = field(default_factory=lambda: ["rotation", "jigsaw", "selfie"])
+                                        # adv_ss_ensemble: the pretext tasks trained together (2 or 3)
+    ensemble_export: str = "rotation"   # adv_ss_ensemble: the branch exported with the trunk (rotation | jigsaw)
+    ensemble_branch_blocks: int = 1     # adv_ss_ensemble: the backbone's last blocks each task owns a copy of
+                                        # (1: ResNet-50's layer4, as the authors; preact_resnet18: 2 = layer4 + bn)
+    adv_ss_lambda: float = 0.1          # adv_ss_ensemble: weight of the log-det diversity penalty (attack and loss)
+    jigsaw_grid: int = 4                # tiles per side, must divide the image (32: 8x8 tiles, 28: 7x7)
+    jigsaw_perms: int = 30              # random tile permutations; classes = jigsaw_perms + 1 (0: unshuffled)
+    jigsaw_seed: int = 0                # seed of the permutation table (saved in the model: head.permutations)
+    selfie_grid: int = 4                # patches per side; grid^2 // 4 of them are the targets
+    selfie_layers: int = 2              # selfie attention-pooling layers (the authors: 13 at width 1024)
+    selfie_heads: int = 4               # selfie attention heads; must divide the patch feature size
+    selfie_faithful: bool = False       # selfie as the authors: raw dot-product scores, CE on their softmax
+                                        # (a double softmax); false: scores / sqrt(width), plain CE
 
 
 @dataclass
@@ -124,6 +146,22 @@ class EvalConfig:
 
 
 @dataclass
+class RiftConfig:
+    """RiFT's two stage kinds (engine/rift_stages.py; design/methods.md section 3)."""
+    eps_w: float = 0.1                  # rift_mrc: relative Frobenius radius of one module's weight perturbation
+    mrc_epochs: int = 10                # rift_mrc: projected gradient-ascent epochs over the adversarial set
+    mrc_lr: float = 1.0                 # rift_mrc: ascent step (SGD lr on the batch-mean CE)
+    mrc_batch_size: int = 512           # rift_mrc: ascent batch (part of the method, as in the authors' code)
+    mrc_split: str = "train"            # rift_mrc: images of the fixed PGD set (attack.*): train | val | test
+    mrc_points: int = 1000              # rift_mrc: the first N images of that split
+    robust_from: Optional[str] = None   # rift_interpolate: the robust model (a path, previous or stage:NAME)
+    alphas: List[float] = field(default_factory=lambda: [i / 10 for i in range(11)])
+    select_split: str = "val"           # rift_interpolate: where the alpha curve is measured (data.holdout)
+    select_attack: str = "pgd-10"       # rift_interpolate: robust accuracy of the curve (eval.eps, eval.norm)
+    tau: float = 0.0                    # rift_interpolate: allowed robust-accuracy drop from alpha = 0
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"               # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 1800
@@ -137,7 +175,15 @@ class RunConfig:
 
 
 @dataclass
+class StageConfig:
+    """What a run does: ``train`` (the default), or another kind of a multi-stage recipe's stage
+    (engine/stages.py). In a recipe's ``stages`` list, ``kind: K`` is short for ``stage: {kind: K}``."""
+    kind: str = "train"
+
+
+@dataclass
 class Config:
+    stage: StageConfig = field(default_factory=StageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -145,6 +191,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rift: RiftConfig = field(default_factory=RiftConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -170,23 +217,23 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | None = None, overrides: List[str] = (), world_size: int = 1) -> Config:
-    """Defaults <- recipe file <- overrides, then validation. Raises ConfigError (one line)."""
-    schema = OmegaConf.structured(Config)
-    layers = []
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path!r} not found")
-        try:
-            recipe = yaml.load(p.read_text(), Loader=_YamlLoader) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(recipe, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of sections")
-        layers.append(OmegaConf.create(recipe))
+def _read_recipe(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} not found")
     try:
-        merged = OmegaConf.merge(schema, *layers)
+        recipe = yaml.load(p.read_text(), Loader=_YamlLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+    return recipe
+
+
+def _merge(layers: List[dict], overrides: List[str]) -> Config:
+    """Defaults <- each layer <- overrides, without validation."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *(OmegaConf.create(x) for x in layers))
         for text in overrides:
             key, value = _parse_override(text)
             if "." not in key:
@@ -194,11 +241,68 @@ def load_config(path: str | None = None, overrides: List[str] = (), world_size: 
             if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
                 raise ConfigError(f"{key}={value!r}: unknown key")
             OmegaConf.update(merged, key, value, merge=False)
-        cfg: Config = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+
+
+def load_config(path: str | None = None, overrides: List[str] = (), world_size: int = 1) -> Config:
+    """Defaults <- recipe file <- overrides, then validation. Raises ConfigError (one line)."""
+    recipe = _read_recipe(path) if path is not None else {}
+    if "stages" in recipe:
+        raise ConfigError(f"config file {path!r} is a multi-stage recipe: load it with load_stages")
+    cfg = _merge([recipe], overrides)
     validate(cfg, world_size)
     return cfg
+
+
+PREVIOUS = "previous"  # a stage's model.init_from or rift.robust_from: the stage before it; "stage:NAME": that one
+STAGE_REFERENCES = (("model", "init_from"), ("rift", "robust_from"))
+
+
+def load_stages(path: str, overrides: List[str] = (), world_size: int = 1) -> List[Config]:
+    """A recipe as a list of stage configs, all validated before anything runs.
+
+    A plain recipe is one ``train`` stage. A recipe with ``stages:`` is a pipeline: its other sections
+    are shared; each entry of the list adds its own sections plus ``name`` (its folder) and ``kind``.
+    Overrides apply to every stage, except ``run.name`` / ``run.out_dir``, which name the pipeline's
+    folder: stage S of pipeline P writes to ``run.out_dir/P/S``. ``model.init_from: previous`` (or
+    ``stage:NAME``) starts a stage from an earlier stage's exported model.
+    """
+    recipe = _read_recipe(path)
+    stages = recipe.pop("stages", None)
+    if stages is None:
+        return [load_config(path, overrides, world_size)]
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise ConfigError(f"stages in {path!r}: expected a non-empty list of mappings")
+    pipeline = _merge([recipe], overrides)
+    folder = Path(pipeline.run.out_dir) / pipeline.run.name
+    out, done = [], {}
+    for i, entry in enumerate(stages):
+        entry = dict(entry)
+        name, kind = entry.pop("name", None), entry.pop("kind", None)
+        if not name or not isinstance(name, str) or "/" in name or name in (".", "..") or name in done:
+            raise ConfigError(f"stages[{i}].name={name!r}: each stage needs a unique plain folder name")
+        if kind is not None:
+            entry.setdefault("stage", {})["kind"] = kind
+        for section, key in STAGE_REFERENCES:  # previous / stage:NAME -> that stage's folder
+            ref = (entry.get(section) or {}).get(key)
+            if ref == PREVIOUS or (isinstance(ref, str) and ref.startswith("stage:")):
+                source = list(done)[-1] if ref == PREVIOUS and done else ref.removeprefix("stage:")
+                if source not in done:
+                    raise ConfigError(f"stages[{i}] ({name}) {section}.{key}={ref!r}: "
+                                      + ("the first stage has no previous one" if ref == PREVIOUS else
+                                         f"no earlier stage named {source!r}"))
+                entry[section] = {**entry[section], key: str(done[source])}
+        cfg = _merge([recipe, entry], overrides)
+        cfg.run.out_dir, cfg.run.name = str(folder), name
+        try:
+            validate(cfg, world_size, pending=set(map(str, done.values())))
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}] ({name}): {e}") from None
+        done[name] = folder / name
+        out.append(cfg)
+    return out
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -206,8 +310,9 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Impossible values, caught before any rank starts. Imports are local: config stays light."""
+def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> None:
+    """Impossible values, caught before any rank starts. Imports are local: config stays light.
+    ``pending``: paths that an earlier stage of the same recipe will create."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
@@ -215,8 +320,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     from .models.partial import BN_POLICIES, TRAINABLE
     from .attacks.pgd import LOSSES, NORMS
     from .engine.evaluate import parse_attack
+    from .engine.stages import STAGE_KINDS
 
     d, a, o, t = cfg.data, cfg.attack, cfg.optim, cfg.train
+    _check(cfg.stage.kind in STAGE_KINDS, "stage.kind", cfg.stage.kind,
+           f"unknown stage kind (known: {', '.join(STAGE_KINDS)})")
     _check(d.name in DATASETS, "data.name", d.name, f"unknown dataset (known: {', '.join(sorted(DATASETS))})")
     _check(cfg.model.name in MODELS, "model.name", cfg.model.name,
            f"unknown model (known: {', '.join(sorted(MODELS))})")
@@ -232,9 +340,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "must be positive")
     _check(d.subset is None or d.subset > 0, "data.subset", d.subset, "must be positive")
     _check(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "must be >= 0")
+    _check(d.holdout >= 0, "data.holdout", d.holdout, "must be >= 0")
     m, meth = cfg.model, cfg.method
     _check(m.trainable in TRAINABLE, "model.trainable", m.trainable, f"must be one of {', '.join(TRAINABLE)}")
     _check(m.last_k >= 1, "model.last_k", m.last_k, "must be >= 1")
+    _check((m.trainable == "modules") == bool(m.modules), "model.modules", m.modules,
+           "names the tuned modules when model.trainable=modules, and only then")
+    _check("lowest_mrc" not in m.modules or (m.modules == ["lowest_mrc"] and m.init_from is not None),
+           "model.modules", m.modules, "lowest_mrc stands alone and needs model.init_from (a rift_mrc stage)")
     _check(m.frozen_bn in BN_POLICIES[:3], "model.frozen_bn", m.frozen_bn,
            f"must be one of {', '.join(BN_POLICIES[:3])}")
     _check(m.tuned_bn in ("auto",) + BN_POLICIES, "model.tuned_bn", m.tuned_bn,
@@ -253,6 +366,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(not METHODS[meth.name].trades_loss or a.loss in ("kl", "ce"), "attack.loss", a.loss,
            f"{meth.name} takes the KL adversary (TRADES' reference) or the CE adversary (TWINS' and Adv-SS' code)")
     _check(meth.twins_lambda >= 0, "method.twins_lambda", meth.twins_lambda, "must be >= 0")
+    _check(meth.cartl_lambda >= 0, "method.cartl_lambda", meth.cartl_lambda, "must be >= 0")
+    _check(meth.sn_beta > 0, "method.sn_beta", meth.sn_beta, "must be > 0")
+    _check(meth.sn_power_iters >= 1, "method.sn_power_iters", meth.sn_power_iters, "must be >= 1")
+    _check_adv_ss(cfg, METHODS, DATASETS)
     _check(a.eps >= 0, "attack.eps", a.eps, "must be >= 0")
     _check(a.steps > 0, "attack.steps", a.steps, "must be > 0")
     _check(a.step_size is None or a.step_size > 0, "attack.step_size", a.step_size, "must be > 0")
@@ -285,7 +402,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(cfg.eval.restarts > 0, "eval.restarts", cfg.eval.restarts, "must be > 0")
     _check(cfg.eval.aa_block_size > 0, "eval.aa_block_size", cfg.eval.aa_block_size, "must be > 0")
     _check(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", cfg.eval.limit, "must be > 0")
-    _check(cfg.eval.split in ("train", "test"), "eval.split", cfg.eval.split, "must be train or test")
+    _check(cfg.eval.split in ("train", "test") or (cfg.eval.split == "val" and d.holdout > 0), "eval.split",
+           cfg.eval.split, "must be train, test, or val with data.holdout > 0")
     for name in cfg.eval.attacks:
         try:
             parse_attack(name)
@@ -296,8 +414,66 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
            "run.name", cfg.run.name, "must be a plain folder name")
-    if cfg.model.init_from is not None:
-        _check(Path(cfg.model.init_from).exists(), "model.init_from", cfg.model.init_from, "no such file or folder")
+    for key, path in (("model.init_from", cfg.model.init_from), ("rift.robust_from", cfg.rift.robust_from)):
+        _check(path is None or Path(path).exists() or path in pending, key, path, "no such file or folder")
+    r = cfg.rift
+    _check(r.eps_w >= 0, "rift.eps_w", r.eps_w, "must be >= 0")
+    _check(r.mrc_epochs >= 1, "rift.mrc_epochs", r.mrc_epochs, "must be >= 1")
+    _check(r.mrc_lr > 0, "rift.mrc_lr", r.mrc_lr, "must be > 0")
+    _check(r.mrc_batch_size >= 1, "rift.mrc_batch_size", r.mrc_batch_size, "must be >= 1")
+    _check(r.mrc_points >= 1, "rift.mrc_points", r.mrc_points, "must be >= 1")
+    for key, split, kind in (("rift.mrc_split", r.mrc_split, "rift_mrc"),
+                             ("rift.select_split", r.select_split, "rift_interpolate")):
+        _check(cfg.stage.kind != kind or split in ("train", "test") or (split == "val" and d.holdout > 0), key,
+               split, "must be train, test, or val with data.holdout > 0")
+    _check(bool(r.alphas) and 0.0 in r.alphas and all(0 <= x <= 1 for x in r.alphas), "rift.alphas", r.alphas,
+           "alphas in [0, 1], 0 (the robust model) included")
+    _check(r.tau >= 0, "rift.tau", r.tau, "must be >= 0")
+    try:
+        iterative = parse_attack(r.select_attack)["kind"] == "pgd"
+    except ValueError:
+        iterative = False
+    _check(iterative, "rift.select_attack", r.select_attack, "must be pgd-K or cw-K")
+    _check(cfg.stage.kind != "rift_interpolate" or (r.robust_from and cfg.model.init_from), "rift.robust_from",
+           r.robust_from, "rift_interpolate needs the robust model (rift.robust_from) and the tuned one (model.init_from)")
+    _check(cfg.stage.kind != "rift_mrc" or cfg.model.init_from, "model.init_from", cfg.model.init_from,
+           "rift_mrc measures a trained model: model.init_from names it")
+
+
+def _check_adv_ss(cfg: Config, methods: dict, datasets: dict) -> None:
+    """Adv-SS keys (methods/adv_ss.py); the image-size checks only for the tasks the method trains."""
+    from .methods.adv_ss import TASKS
+    meth, a, d = cfg.method, cfg.attack, cfg.data
+    tasks = meth.ensemble_tasks
+    _check(len(set(tasks)) == len(tasks) >= 2 and set(tasks) <= set(TASKS), "method.ensemble_tasks", tasks,
+           f"two or three distinct tasks from {', '.join(TASKS)}")
+    _check(meth.ensemble_export in tasks and meth.ensemble_export != "selfie", "method.ensemble_export",
+           meth.ensemble_export, "must be rotation or jigsaw, and one of method.ensemble_tasks")
+    _check(meth.ensemble_branch_blocks >= 1, "method.ensemble_branch_blocks", meth.ensemble_branch_blocks,
+           "must be >= 1")
+    _check(meth.adv_ss_lambda >= 0, "method.adv_ss_lambda", meth.adv_ss_lambda, "must be >= 0")
+    _check(meth.jigsaw_grid >= 2, "method.jigsaw_grid", meth.jigsaw_grid, "must be >= 2")
+    _check(1 <= meth.jigsaw_perms < math.factorial(meth.jigsaw_grid ** 2), "method.jigsaw_perms",
+           meth.jigsaw_perms, f"must be in [1, {meth.jigsaw_grid ** 2}! - 1]")
+    _check(meth.selfie_grid >= 3, "method.selfie_grid", meth.selfie_grid, "must be >= 3 (two targets or more)")
+    _check(meth.selfie_layers >= 1, "method.selfie_layers", meth.selfie_layers, "must be >= 1")
+    _check(meth.selfie_heads >= 1, "method.selfie_heads", meth.selfie_heads, "must be >= 1")
+    name = meth.name
+    if not methods[name].pretext:
+        return
+    used = set(tasks) if name == "adv_ss_ensemble" else {name.removeprefix("adv_")}
+    size = (d.image_size or 224) if d.name == "imagefolder" else datasets[d.name].info.size
+    for task, key, grid in (("jigsaw", "method.jigsaw_grid", meth.jigsaw_grid),
+                            ("selfie", "method.selfie_grid", meth.selfie_grid)):
+        _check(task not in used or size % grid == 0, key, grid, f"must divide {d.name}'s image size {size}")
+    _check(not cfg.eval.at_end, "eval.at_end", cfg.eval.at_end,
+           f"{name} trains a pretext head, not a {d.name} classifier: set eval.at_end=false")
+    _check(a.loss == "ce", "attack.loss", a.loss, f"{name} attacks the pretext task's cross-entropy: use ce")
+    if name == "adv_ss_ensemble":  # the joint attack and the penalty differentiate through input gradients
+        _check(a.restarts == 1, "attack.restarts", a.restarts, "the ensemble's joint attack takes one start")
+        _check(a.precision == "fp32", "attack.precision", a.precision, "the ensemble's log-det runs in fp32")
+        _check(not cfg.model.sync_bn, "model.sync_bn", cfg.model.sync_bn,
+               "the ensemble's double backward is not supported through synchronised BN")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -148,3 +148,18 @@ class EvalLoader:
         for start in range(0, self.num_points, self.batch_size):
             stop = start + self.batch_size
             yield _to_float(self.images[start:stop]), self.labels[start:stop]
+
+
+def holdout_split(train: Dataset, holdout: int) -> tuple[Dataset, Dataset]:
+    """(training part, validation part) of a train split: ``holdout`` images, classes in proportion,
+    held out for model selection (RiFT's alpha, early stopping) so that nothing is selected on the
+    test split. The held-out set depends on the data only, not on the run's seed: every seed of a
+    comparison selects on the same points and trains on the same rest."""
+    if not 0 < holdout < len(train):
+        raise ValueError(f"data.holdout={holdout}: must be in (0, {len(train)}) for {train.info.name}")
+    priority = torch.randperm(len(train), generator=_generator("holdout", len(train))).numpy()
+    val = torch.from_numpy(stratified_take(train.labels.numpy(), holdout, priority))
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val] = False
+    return (Dataset(train.images[keep], train.labels[keep], train.info),
+            Dataset(train.images[val], train.labels[val], train.info))

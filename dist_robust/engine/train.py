@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist
 from ..config import Config, to_dict, to_yaml
-from ..data import TrainLoader, load_dataset
+from ..data import TrainLoader, load_split
 from ..methods import build_method
 from ..models import build_model, load_backbone
 from ..models.dual_bn import export_plain
@@ -32,8 +32,7 @@ log = logging.getLogger("dist_robust")
 
 def build(cfg: Config, device: torch.device):
     """Dataset and model of a run (the model on ``device``, with its source backbone if any)."""
-    d = cfg.data
-    train_set = load_dataset(d.name, "train", root=d.root, image_size=d.image_size)
+    train_set = load_split(cfg.data, "train")
     info = train_set.info
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, info.channels, info.num_classes, info.mean, info.std,
@@ -64,7 +63,12 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     if m.sync_bn:  # before the BN policies: frozen layers keep their hooks and stay local in eval mode
         model = convert_sync_bn(model)
     tuned_bn = m.tuned_bn if m.tuned_bn != "auto" else ("dual" if method.uses_dual_bn else "train")
-    model = method.prepare(configure_finetuning(model, m.trainable, m.last_k, m.frozen_bn, tuned_bn).to(device))
+    modules = m.modules
+    if modules == ["lowest_mrc"]:
+        from .rift_stages import lowest_mrc_module
+        modules = [lowest_mrc_module(m.init_from)]
+        log.info("fine-tuning only %s, the lowest-MRC module of %s", modules[0], m.init_from)
+    model = method.prepare(configure_finetuning(model, m.trainable, m.last_k, m.frozen_bn, tuned_bn, modules).to(device))
     o = cfg.optim
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay, nesterov=o.nesterov)
@@ -145,7 +149,7 @@ def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal
     """Evaluate ``model`` (saved at ``checkpoint``) on cfg's dataset and eval settings; rank 0 writes
     ``out``. AutoAttack keeps its resumable state next to ``out``."""
     e, a = cfg.eval, cfg.attack
-    test_set = load_dataset(cfg.data.name, e.split, root=cfg.data.root, image_size=cfg.data.image_size)
+    test_set = load_split(cfg.data, e.split)
     eps = a.eps if e.eps is None else e.eps
     norm = a.norm if e.norm is None else e.norm
     fingerprint = read_sidecar(resolve(checkpoint))["sha256"]["model"]

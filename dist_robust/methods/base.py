@@ -16,6 +16,7 @@ class Method:
 
     uses_dual_bn = False  # TWINS: the tuned part's BN layers become two wings (models/dual_bn.py)
     trades_loss = False   # the adversary is TRADES' KL one or a CE one (attack.loss kl | ce)
+    pretext = False       # Adv-SS: labels come from a pretext task, the head is not the dataset's classifier
 
     def __init__(self, cfg):
         self.cfg = cfg

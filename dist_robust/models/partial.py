@@ -1,8 +1,9 @@
 """Which part of a model fine-tuning trains, and what each part's BatchNorm does.
 
-The **tuned part** is the whole model (``all``), the head only (``head``: linear probing) or the last
-k backbone blocks plus the head (``last_k``: partial fine-tuning; blocks from ``block_names``). The
-rest is the **frozen part**: its parameters get ``requires_grad=False``.
+The **tuned part** is the whole model (``all``), the head only (``head``: linear probing), the last
+k backbone blocks plus the head (``last_k``: partial fine-tuning; blocks from ``block_names``) or
+named modules (``modules``: e.g. RiFT's one least robustness-critical convolution). The rest is the
+**frozen part**: its parameters get ``requires_grad=False``.
 
 BN policies, one per part:
 - ``train``:        ordinary BN (batch statistics in training, running statistics updated);
@@ -21,7 +22,7 @@ from torch import nn
 
 from .dual_bn import to_dual_bn
 
-TRAINABLE = ("all", "head", "last_k")
+TRAINABLE = ("all", "head", "last_k", "modules")
 BN_POLICIES = ("train", "freeze_stats", "freeze_all", "dual")
 
 
@@ -36,7 +37,7 @@ def freeze_bn_stats(bn: nn.modules.batchnorm._BatchNorm) -> None:
     bn.eval()
 
 
-def tuned_module_names(model: nn.Module, trainable: str, last_k: int = 1) -> list[str]:
+def tuned_module_names(model: nn.Module, trainable: str, last_k: int = 1, modules=()) -> list[str]:
     """Names of the modules that make up the tuned part of ``model`` (an ImageClassifier)."""
     from . import block_names
     if trainable == "all":
@@ -48,6 +49,12 @@ def tuned_module_names(model: nn.Module, trainable: str, last_k: int = 1) -> lis
         if not 1 <= last_k <= len(blocks):
             raise ValueError(f"last_k={last_k} but the model has {len(blocks)} blocks: {', '.join(blocks)}")
         return blocks[-last_k:] + ["head"]
+    if trainable == "modules":
+        known = dict(model.named_modules())
+        unknown = [n for n in modules if n not in known or n == ""]
+        if not modules or unknown:
+            raise ValueError(f"trainable=modules needs names of the model's modules; unknown: {unknown or '(none given)'}")
+        return list(modules)
     raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
 
 
@@ -64,14 +71,14 @@ def _apply_policy(bn: nn.BatchNorm2d, policy: str) -> None:
 
 
 def configure_finetuning(model: nn.Module, trainable: str = "all", last_k: int = 1, frozen_bn: str = "freeze_all",
-                         tuned_bn: str = "train") -> nn.Module:
+                         tuned_bn: str = "train", modules=()) -> nn.Module:
     """Freeze the frozen part, apply each part's BN policy (``dual`` converts the tuned part's BN
     layers to TWINS wings). Returns the model (changed in place; dual conversion replaces modules)."""
     if tuned_bn not in BN_POLICIES:
         raise ValueError(f"tuned BN policy must be one of {', '.join(BN_POLICIES)}, got {tuned_bn!r}")
     if frozen_bn not in BN_POLICIES[:3]:
         raise ValueError(f"frozen BN policy must be one of {', '.join(BN_POLICIES[:3])}, got {frozen_bn!r}")
-    tuned = [model.get_submodule(n) for n in tuned_module_names(model, trainable, last_k)]
+    tuned = [model.get_submodule(n) for n in tuned_module_names(model, trainable, last_k, modules)]
     tuned_params = {id(p) for m in tuned for p in m.parameters()}
     tuned_bns = {id(b) for m in tuned for b in _bn_layers(m)}
     for p in model.parameters():

@@ -1,0 +1,52 @@
+"""Multi-stage recipes: run a list of stage configs (config.load_stages) in order, in one process group.
+
+Each stage writes its own folder (checkpoints, results) under the pipeline's folder and, when it has
+finished, a ``stage.json`` marker. A restarted pipeline skips the stages that have their marker and
+resumes the first unfinished one from its own checkpoints (``train.resume``), so a run killed
+anywhere continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import dist
+from ..config import Config, to_dict
+from .checkpoint import atomic_write
+from .rift_stages import rift_interpolate, rift_mrc
+from .train import train
+
+log = logging.getLogger("dist_robust")
+
+# kind -> function(cfg, device) that runs one stage on every rank and writes into cfg's run folder
+STAGE_KINDS: dict[str, Callable[[Config, torch.device], object]] = {
+    "train": train,
+    "rift_mrc": rift_mrc,                  # RiFT: module robust criticality of init_from (rift.*)
+    "rift_interpolate": rift_interpolate,  # RiFT: robust <-> tuned interpolation, alpha chosen on rift.select_split
+}
+
+MARKER = "stage.json"
+
+
+def stage_dir(cfg: Config) -> Path:
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
+def run_stages(stages: list[Config], device: torch.device) -> None:
+    for i, cfg in enumerate(stages, 1):
+        marker = stage_dir(cfg) / MARKER
+        if marker.is_file():  # every rank sees the same folder, so every rank skips the same stages
+            log.info("stage %d/%d %s (%s): finished earlier, skipped", i, len(stages), cfg.run.name, cfg.stage.kind)
+            continue
+        log.info("stage %d/%d %s (%s)", i, len(stages), cfg.run.name, cfg.stage.kind)
+        t0 = time.perf_counter()
+        STAGE_KINDS[cfg.stage.kind](cfg, device)
+        if dist.is_main():
+            atomic_write(marker, json.dumps({"stage": i, "kind": cfg.stage.kind, "seconds": time.perf_counter() - t0,
+                                             "config": to_dict(cfg)}, indent=1).encode())
+        dist.barrier()
