@@ -5,7 +5,7 @@ labels. They are pure functions of the batch and a random generator (torch's glo
 which the engine seeds per rank), and they keep the images' device and dtype.
 
 - rotation: each image turned by 0, 90, 180 or 270 degrees (``torch.rot90`` on H, W), 4 classes drawn
-  as a balanced random assignment within the batch (the authors' permutation of [0, 1, 2, 3] * ...).
+  as a nearly balanced random assignment within the batch (the authors' permutation of [0, 1, 2, 3] * ...).
 - jigsaw: the image cut into grid x grid tiles, reassembled in the order of one row of a fixed
   permutation table (row 0 the identity); the class is the row. Position j of the shuffled image holds
   tile ``table[class, j]`` of the original, as in the authors' ``[batches[perm[j]] for j ...]``.
@@ -33,8 +33,8 @@ JIGSAW_FORCE_IDENTITY = 0.1
 def rotate(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rotated images, labels in 0..3): image i turned by labels[i] * 90 degrees counter-clockwise.
 
-    The labels are balanced within the batch: a random permutation of [0, 1, 2, 3] repeated, cut to
-    the batch size (so each class appears floor(B/4) or ceil(B/4) times)."""
+    The labels are nearly balanced within the batch: [0, 1, 2, 3] repeated B // 4 + 1 times, shuffled
+    and cut to the batch size, as the authors do (each class appears about B / 4 times, not exactly)."""
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"rotation needs a batch of square images [B, C, H, H], got shape {tuple(x.shape)}")
     b = len(x)
