@@ -12,6 +12,7 @@ lowest-MRC module (``model.trainable: modules``, ``model.modules: [lowest_mrc]``
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from ..attacks import attack_kwargs, pgd
 from ..config import Config, to_dict
 from ..data import load_split, shard_indices
 from ..models import model_from_state
-from ..rift import interpolate_state, module_robust_criticality, select_alpha, write_alpha_curve, write_mrc_table
+from ..rift import (critical_modules, interpolate_state, module_robust_criticality, rank_modules, select_alpha,
+                    write_alpha_curve, write_mrc_table)
 from .checkpoint import load_checkpoint, resolve, save_checkpoint
 from .evaluate import _seeded_starts, evaluate
 from .train import evaluate_run
@@ -55,22 +57,21 @@ def rift_mrc(cfg: Config, device) -> dict:
     model, state = _load(cfg, cfg.model.init_from, device)
     x_adv, y = adversarial_set(model, cfg, device)
     log.info("rift_mrc: %d PGD-%d examples of %s/%s, MRC of %d modules on %d ranks", len(y), cfg.attack.steps,
-             cfg.data.name, r.mrc_split, sum(1 for _ in model.modules()), dist.world_size())
+             cfg.data.name, r.mrc_split, len(critical_modules(model)), dist.world_size())
     table = module_robust_criticality(model, x_adv, y, eps_w=r.eps_w, epochs=r.mrc_epochs, lr=r.mrc_lr,
                                       batch_size=r.mrc_batch_size)
     if dist.is_main():
         write_mrc_table(table, folder)
         save_checkpoint(folder, "model", state, dict(config=to_dict(cfg), epoch=0, step=0))
-        lowest = min(table, key=lambda n: table[n]["mrc"])
-        log.info("rift_mrc: lowest MRC %s (%.4f), highest %s (%.4f) -> %s", lowest, table[lowest]["mrc"],
-                 max(table, key=lambda n: table[n]["mrc"]), max(t["mrc"] for t in table.values()), folder / "mrc.md")
+        order = rank_modules(table)
+        log.info("rift_mrc: lowest MRC %s (%.4f), highest %s (%.4f) -> %s", order[0], table[order[0]]["mrc"],
+                 order[-1], table[order[-1]]["mrc"], folder / "mrc.md")
     dist.barrier()
     return table
 
 
 def lowest_mrc_module(init_from: str) -> str:
     """The module a rift_mrc stage ranked least robustness-critical; ``init_from`` is that stage's model."""
-    import json
     path = resolve(init_from).parent / "mrc.json"
     if not path.is_file():
         raise FileNotFoundError(f"model.modules=[lowest_mrc] needs {path} (model.init_from must be a rift_mrc stage)")
