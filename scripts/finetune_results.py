@@ -40,6 +40,15 @@ def run_dir(recipe: Path, name: str) -> Path:
     return ROOT / yaml.safe_load(recipe.read_text())["run"]["out_dir"] / name
 
 
+def ensure_source(pair: str, source: str, nproc: int) -> Path:
+    """A pair's source run (configs/finetune/<pair>/<source>.yaml), trained once."""
+    recipe = ROOT / "configs" / "finetune" / pair / f"{source}.yaml"
+    out = run_dir(recipe, source)
+    if not (out / "results.json").is_file():
+        torchrun(nproc, "train", str(recipe))
+    return out
+
+
 def one_run(recipe: Path, seed: int, nproc: int, aa_limit: int) -> dict:
     name = f"{recipe.stem}-s{seed}"
     out = run_dir(recipe, name)
@@ -114,8 +123,7 @@ def main() -> None:
         rows = table.setdefault(pair, {})
         todo = [(m, s) for m in args.methods.split(",") for s in args.seeds.split(",") if s not in rows.get(m, {})]
         for source in ("source_at", "source_clean") if todo else ():
-            if not (run_dir(folder / f"{source}.yaml", source) / "results.json").is_file():
-                torchrun(args.nproc, "train", str(folder / f"{source}.yaml"))
+            ensure_source(pair, source, args.nproc)
         for method, seed in todo:
             rows.setdefault(method, {})[seed] = one_run(folder / f"{method}.yaml", int(seed), args.nproc, args.aa_limit)
             write(table, args, out)
