@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                 run_stages(stages, device)
         else:
             _run_eval(cfg, sidecar, out, device)
-    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (CheckpointError, OSError, ValueError, FloatingPointError) as e:  # OSError: a full disk, say
         say(e)
         return RUN_ERROR
     finally:

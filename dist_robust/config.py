@@ -128,6 +128,8 @@ class TrainConfig:
     seed: int = 0
     resume: str = "auto"                # auto: continue from the last good checkpoint; never: start over
     log_every: int = 20                 # iterations between log lines
+    checkpoint_every: int = 0           # also checkpoint every N iterations inside an epoch (0: epoch ends only);
+                                        # a killed run resumes from there, bitwise as if never stopped
     threads: Optional[int] = None       # torch threads per rank (None: cores / local ranks)
 
 
@@ -395,6 +397,7 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> No
     _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
     _check(t.resume in ("auto", "never"), "train.resume", t.resume, "must be auto or never")
     _check(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0 (0: epoch ends only)")
     _check(t.threads is None or t.threads > 0, "train.threads", t.threads, "must be > 0")
     _check(cfg.eval.eps is None or cfg.eval.eps >= 0, "eval.eps", cfg.eval.eps, "must be >= 0")
     _check(cfg.eval.norm is None or cfg.eval.norm in NORMS, "eval.norm", cfg.eval.norm,

@@ -55,8 +55,12 @@ def init(env: DistEnv, device: torch.device, backend: str = "auto", timeout_s: i
     # Slurm without torchrun gives no rendezvous address: single node, or the user exports one.
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 1000))
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(seconds=timeout_s),
+    timeout = timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix the restarted
+    # ranks can read the dead ranks' addresses from it and fail to connect ("Connection refused").
+    store = dist.PrefixStore(f"dist_robust/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
 
 

@@ -1,6 +1,7 @@
 """Shared test helpers: real multi-process gloo groups on CPU, and tiny recipes."""
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ TINY = [  # a recipe small enough for a test: digits, 1 epoch, 1-step PGD-AT
 
 def _entry(rank, world, init_file, fn, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A short timeout: a rank left waiting (a deadlock under test) fails the test in minutes, not half an hour.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
     try:
         fn(rank, world, *args)
     finally:

@@ -1,6 +1,6 @@
 """Checkpoints: plain safetensors plus a JSON sidecar, written atomically, verified by hash.
 
-A checkpoint ``checkpoints/epoch_0003`` is three files:
+A checkpoint ``checkpoints/epoch_0003`` (or ``step_00000150`` inside an epoch) is three files:
   epoch_0003.safetensors        the unwrapped model state_dict (plain keys: usable by eval and fine-tuning)
   epoch_0003.train.safetensors  the optimizer's tensors (momentum buffers), for exact resume
   epoch_0003.json               the sidecar: resolved config, epoch, step, per-rank RNG states, optimizer
@@ -32,6 +32,7 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` or, if anything fails (a full disk, a kill), what it held before."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -40,8 +41,11 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # one line that names the file (ENOSPC says neither file nor folder)
+            raise OSError(e.errno, f"{e.strerror} while writing {path} ({len(data):,} bytes); "
+                                   "its previous version is untouched") from None
         raise
 
 
@@ -80,6 +84,8 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
 def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     state: dict = {}
     for key, v in tensors.items():
+        if not key.startswith("state."):
+            continue  # a rank's buffers (load_rank_buffers)
         _, idx, k = key.split(".", 2)
         state.setdefault(int(idx), {})[k] = v
     for key, v in meta["state"].items():
@@ -89,14 +95,19 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) ->
 
 
 def save_checkpoint(folder: Path, stem: str, model_state: dict, sidecar: dict,
-                    optimizer: Optional[torch.optim.Optimizer] = None) -> Path:
-    """Write ``stem``'s files into ``folder`` (rank 0 only). Returns the sidecar path."""
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    rank_buffers: Optional[list[dict]] = None) -> Path:
+    """Write ``stem``'s files into ``folder`` (rank 0 only). Returns the sidecar path.
+    ``rank_buffers``: every rank's module buffers, kept in the training file for exact resume (see
+    ``load_rank_buffers``)."""
     folder = Path(folder)
     model_bytes = st_save({k: v.detach().cpu().contiguous() for k, v in model_state.items()})
     meta = dict(sidecar, format=FORMAT, model_file=f"{stem}.safetensors",
                 sha256={"model": sha256(model_bytes)})
     if optimizer is not None:
         tensors, opt_meta = _optimizer_tensors(optimizer)
+        for r, buffers in enumerate(rank_buffers or ()):
+            tensors.update({f"rank{r}.{k}": v.detach().cpu().contiguous() for k, v in buffers.items()})
         train_bytes = st_save(tensors)
         meta.update(train_file=f"{stem}.train.safetensors", optimizer=opt_meta)
         meta["sha256"]["train"] = sha256(train_bytes)
@@ -141,6 +152,19 @@ def load_checkpoint(path: str | Path, optimizer: Optional[torch.optim.Optimizer]
     return state, meta
 
 
+def load_rank_buffers(sidecar: Path, rank: int) -> dict:
+    """The module buffers that ``rank`` had when the training checkpoint ``sidecar`` was written ({} if
+    it holds none). Ranks' buffers differ between DDP steps (BN running statistics: DDP copies rank 0's
+    at each forward, then every rank updates its own, which its next attack uses), so an exact resume
+    restores each rank's own."""
+    meta = read_sidecar(sidecar)
+    if "train_file" not in meta:
+        return {}
+    tensors = st_load(_read_verified(Path(sidecar).parent, meta["train_file"], meta["sha256"]["train"]))
+    prefix = f"rank{rank}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def resolve(path: str | Path) -> Path:
     """The sidecar a user's path stands for (see load_checkpoint)."""
     p = Path(path)
@@ -162,10 +186,19 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"checkpoint {p} not found")
 
 
+def _step_of(sidecar: Path) -> int:
+    try:
+        return int(json.loads(sidecar.read_text()).get("step", -1))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return -1  # unreadable: tried last, where read_sidecar reports it
+
+
 def last_good(folder: Path) -> Optional[Path]:
-    """The newest epoch checkpoint in ``folder`` whose files pass their hashes; bad ones are
-    reported and skipped, so a corrupted latest checkpoint falls back to the one before."""
-    for sidecar in sorted(Path(folder).glob("epoch_*.json"), reverse=True):
+    """The newest training checkpoint in ``folder`` (``epoch_NNNN`` at epoch ends, ``step_NNNNNNNN``
+    inside an epoch; newest = most steps) whose files pass their hashes; bad ones are reported and
+    skipped, so a corrupted latest checkpoint falls back to the one before."""
+    candidates = [*Path(folder).glob("epoch_*.json"), *Path(folder).glob("step_*.json")]
+    for sidecar in sorted(candidates, key=lambda p: (_step_of(p), p.name.startswith("epoch_")), reverse=True):
         try:
             meta = read_sidecar(sidecar)
             _read_verified(sidecar.parent, meta["model_file"], meta["sha256"]["model"])
@@ -175,3 +208,12 @@ def last_good(folder: Path) -> Optional[Path]:
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
     return None
+
+
+def remove_step_checkpoints(folder: Path) -> None:
+    """Delete the mid-epoch ``step_*`` checkpoints in ``folder`` (an epoch checkpoint supersedes them):
+    the sidecar first, so a checkpoint is never left looking complete without its tensors."""
+    for sidecar in Path(folder).glob("step_*.json"):
+        sidecar.unlink(missing_ok=True)
+        for tensors in Path(folder).glob(sidecar.stem + ".*safetensors"):
+            tensors.unlink(missing_ok=True)

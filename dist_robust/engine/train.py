@@ -1,7 +1,8 @@
 """The training loop: one method, DDP, per-iteration LR, a checkpoint each epoch, evaluation at the end.
 
 Read top to bottom: build data, model and method -> resume -> for each epoch: for each batch:
-set lr, method loss, backward, step -> checkpoint -> export -> exact sharded evaluation.
+set lr, method loss, backward, step (-> checkpoint every train.checkpoint_every steps) -> checkpoint ->
+export -> exact sharded evaluation.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from ..models.partial import configure_finetuning
 from ..models.sync_bn import convert_sync_bn
 from ..report import JsonlLog
 from ..schedules import lr_at
-from .checkpoint import (atomic_write, last_good, load_checkpoint, read_sidecar, resolve, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, atomic_write, last_good, load_checkpoint, load_rank_buffers,
+                         read_sidecar, remove_step_checkpoints, resolve, rng_state, save_checkpoint,
+                         set_rng_state)
 from .evaluate import evaluate, write_results
 
 log = logging.getLogger("dist_robust")
@@ -53,6 +55,34 @@ def _progress(iterable, total, desc):
     return iterable
 
 
+def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
+    """The ranks whose loss is NaN or infinite, known to every rank (one all_reduce of a flag per rank):
+    a rank that stopped alone would leave the others waiting in DDP's all_reduce until the timeout."""
+    flags = torch.zeros(dist.world_size(), device=loss.device)
+    flags[dist.rank()] = (~torch.isfinite(loss.detach())).float()
+    return [r for r, f in enumerate(dist.all_reduce_sum(flags).tolist()) if f]
+
+
+def _resume(sidecar: Path, model, opt, steps_per_epoch: int) -> tuple[int, int, int, list | None, dict]:
+    """Load a training checkpoint into ``model`` and ``opt``; returns (epoch, batch inside it, step, this
+    rank's running epoch totals or None, this rank's own buffers) and restores this rank's RNG stream.
+    Each rank's RNG and buffers continue exactly when the world size is the one that wrote it."""
+    rank, world = dist.rank(), dist.world_size()
+    state, meta = load_checkpoint(sidecar, optimizer=opt)
+    model.load_state_dict(state)
+    batch, totals, buffers = 0, None, {}
+    if "batch" in meta:  # inside an epoch: only the same batch layout continues exactly
+        if (meta["steps_per_epoch"], len(meta["rng"])) != (steps_per_epoch, world):
+            raise CheckpointError(f"{sidecar} was written inside an epoch by {len(meta['rng'])} ranks with "
+                                  f"{meta['steps_per_epoch']} steps/epoch; this run has {world} and "
+                                  f"{steps_per_epoch}: resume with the same world size and batch")
+        batch, totals = meta["batch"], meta["totals"][rank]
+    if len(meta["rng"]) == world:
+        set_rng_state(meta["rng"][rank])
+        buffers = load_rank_buffers(sidecar, rank)
+    return meta["epoch"], batch, meta["step"], totals, buffers
+
+
 def train(cfg: Config, device: torch.device) -> dict | None:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
@@ -77,16 +107,12 @@ def train(cfg: Config, device: torch.device) -> dict | None:
                          subset=cfg.data.subset)
     steps_per_epoch, epochs = len(loader), cfg.train.epochs
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # each rank draws its own attack noise
-    start_epoch, step = 0, 0
     sidecar = last_good(ckpt_dir) if cfg.train.resume == "auto" and ckpt_dir.is_dir() else None
-    if sidecar is not None:
-        state, meta = load_checkpoint(sidecar, optimizer=opt)
-        model.load_state_dict(state)
-        start_epoch, step = meta["epoch"], meta["step"]
-        if len(meta["rng"]) == world:  # same layout: continue each rank's random stream exactly
-            set_rng_state(meta["rng"][rank])
-        log.info("resumed from %s: epoch %d, step %d, lr %.4g", sidecar, start_epoch, step,
-                 lr_at(step, steps_per_epoch, o, epochs))
+    start_epoch, start_batch, step, resumed_totals, own_buffers = (
+        _resume(sidecar, model, opt, steps_per_epoch) if sidecar else (0, 0, 0, None, {}))
+    if sidecar:
+        where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch}"
+        log.info("resumed from %s: %s, step %d, lr %.4g", sidecar, where, step, lr_at(step, steps_per_epoch, o, epochs))
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg).encode())
@@ -95,22 +121,38 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     # DDP's buckets save a copy per step (and avoid its stride warning on 1-channel convs).
     train_model = model if world == 1 else DDP(
         model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    with torch.no_grad():  # after DDP's construction, which copies rank 0's buffers to every rank
+        for name, buf in model.named_buffers():
+            if name in own_buffers:
+                buf.copy_(own_buffers[name])
     log.info("%s: %s on %s (%d images, %d ranks, %d steps/epoch), method %s, device %s", cfg.run.name,
              cfg.model.name, cfg.data.name, loader.num_points, world, steps_per_epoch, cfg.method.name, device)
 
+    def checkpoint(stem: str, **meta) -> None:  # on every rank: the gathers are collectives
+        rngs = dist.all_gather_objects(rng_state())
+        buffers = dist.all_gather_objects({k: v.cpu() for k, v in model.named_buffers()}) if world > 1 else None
+        if dist.is_main():
+            save_checkpoint(ckpt_dir, stem, model.state_dict(), dict(config=to_dict(cfg), rng=rngs, **meta),
+                            optimizer=opt, rank_buffers=buffers)
+        dist.barrier()
+
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
+        first = start_batch if epoch == start_epoch else 0
         model.train()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, n
+        totals = torch.tensor(resumed_totals if first else [0.0, 0.0, 0.0], dtype=torch.float64)  # loss sum, correct, n
         t0 = time.perf_counter()
-        for x, y in _progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{epochs}"):
+        batches = enumerate(loader.iter_from(epoch, first), first + 1)
+        for batch, (x, y) in _progress(batches, steps_per_epoch - first, f"epoch {epoch + 1}/{epochs}"):
             lr = lr_at(step, steps_per_epoch, o, epochs)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss, metrics = method.loss(train_model, x, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch + 1}); "
-                                         "no checkpoint written from this state")
+            bad = nonfinite_ranks(loss)
+            if bad:
+                raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch + 1}) on rank(s) "
+                                         f"{', '.join(map(str, bad))}: stopped before the update, no checkpoint "
+                                         "written from this state")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -119,6 +161,10 @@ def train(cfg: Config, device: torch.device) -> dict | None:
                                    metrics["n"].double().cpu()])
             if step % cfg.train.log_every == 0:
                 journal.write(kind="step", epoch=epoch + 1, step=step, lr=lr, loss=loss.item())
+            every = cfg.train.checkpoint_every
+            if every and step % every == 0 and batch < steps_per_epoch:
+                checkpoint(f"step_{step:08d}", epoch=epoch, batch=batch, step=step, steps_per_epoch=steps_per_epoch,
+                           totals=dist.all_gather_objects(totals.tolist()))
         dist.all_reduce_sum(totals)
         seconds = time.perf_counter() - t0
         summary = dict(epoch=epoch + 1, step=step, lr=lr, loss=totals[0].item() / totals[2].item(),
@@ -127,12 +173,9 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         journal.write(kind="epoch", **summary)
         log.info("epoch %d/%d  loss %.4f  train acc %.4f  %.0f img/s  %.1fs", epoch + 1, epochs,
                  summary["loss"], summary["train_acc"], summary["images_per_s"], seconds)
-        rngs = dist.all_gather_objects(rng_state())
+        checkpoint(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=step, metrics=summary)
         if dist.is_main():
-            save_checkpoint(ckpt_dir, f"epoch_{epoch + 1:04d}", model.state_dict(),
-                            dict(config=to_dict(cfg), epoch=epoch + 1, step=step, rng=rngs, metrics=summary),
-                            optimizer=opt)
-        dist.barrier()
+            remove_step_checkpoints(ckpt_dir)  # superseded by the epoch's own
 
     exported = export_plain(method.export(model))  # plain BN layers: dual -> adaptive wing, sync -> local
     final = run_dir / "model.json"
