@@ -145,7 +145,8 @@ def slurm():
         pytest.skip(f"could not install Debian's slurm packages: {(r.stdout + r.stderr).strip()[-500:]}")
     d = tempfile.mkdtemp(prefix="slurm-ci-")
     os.chmod(d, 0o755)  # munged, running as user munge, needs to reach its socket folder
-    env = dict(os.environ, SLURM_CI_DIR=d, SLURM_CI_CTLD_PORT=str(_free_port()),
+    # 2 CPUs whatever this machine has: the jobs below ask for --cpus-per-task=2
+    env = dict(os.environ, SLURM_CI_DIR=d, SLURM_CI_CPUS="2", SLURM_CI_CTLD_PORT=str(_free_port()),
                SLURM_CI_SLURMD_PORT=str(_free_port()))
     try:
         r = subprocess.run(["bash", str(SLURM_CI), "start"], env=env, capture_output=True, text=True, timeout=90)
