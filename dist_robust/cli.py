@@ -85,8 +85,10 @@ def _run_eval(cfg, sidecar, out, device):
 
 
 def _set_threads(requested, env) -> None:
+    """train.threads, else the CPUs this process may run on (a slurm allocation or a cpuset, not the whole
+    node) shared out over the node's ranks. OMP_NUM_THREADS is not read: torchrun sets it to 1 itself."""
     import torch
-    threads = requested or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    threads = requested or max(1, len(os.sched_getaffinity(0)) // env.local_world_size)
     torch.set_num_threads(threads)
 
 
