@@ -64,7 +64,16 @@ def _eval_config(args):
         cfg.data.eval_batch_size = args.batch_size
     if args.aa_block_size is not None:
         cfg.eval.aa_block_size = args.aa_block_size
-    validate(cfg)  # world size 1: the only world-size check concerns the training batch, unused here
+    validate(cfg, training=False)  # world size 1: the only world-size check concerns the training batch
+    from .data import dataset_info
+    from .engine.checkpoint import model_header
+    info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+    shapes = model_header(sidecar)
+    classes = shapes.get("head.weight", [info.num_classes])[0]
+    channels = shapes.get("normalize.mean", [1, info.channels])[1]
+    if (classes, channels) != (info.num_classes, info.channels):
+        raise ConfigError(f"--dataset={cfg.data.name}: {info.num_classes} classes of {info.channels}-channel images; "
+                          f"the checkpoint's model expects {classes} and {channels}")
     out = Path(args.out) if args.out else sidecar.parent / f"eval-{args.dataset}-{args.split}.json"
     return cfg, sidecar, out
 
@@ -73,14 +82,8 @@ def _run_eval(cfg, sidecar, out, device):
     from .engine.checkpoint import load_checkpoint
     from .engine.train import evaluate_run
     from .models import model_from_state
-    from .data import dataset_info
     state, _ = load_checkpoint(sidecar)
-    info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
     model = model_from_state(cfg.model.name, state)
-    classes, channels = model.head.out_features, model.normalize.mean.numel()
-    if (classes, channels) != (info.num_classes, info.channels):
-        raise ValueError(f"--dataset {cfg.data.name} has {info.num_classes} classes and {info.channels} channels; "
-                         f"the checkpoint's model expects {classes} and {channels}")
     return evaluate_run(cfg, model.to(device), device, checkpoint=str(sidecar), out=out)
 
 

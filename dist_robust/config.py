@@ -312,9 +312,47 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
-def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> None:
+def _check_source(cfg: Config, key: str, path: str, info) -> None:
+    """A checkpoint to start from: complete, of the configured architecture, and (where the head is
+    kept) with the dataset's classes, read from its sidecar and tensor header without loading it."""
+    from .engine.checkpoint import CheckpointError, model_header, read_sidecar, resolve
+    try:
+        sidecar = resolve(path)
+        trained = read_sidecar(sidecar).get("config", {}).get("model", {}).get("name")
+        shapes = model_header(sidecar)
+    except CheckpointError as e:
+        raise ConfigError(f"{key}={path!r}: {e}") from None
+    _check(trained in (None, cfg.model.name), key, path, f"holds a {trained} model, but model.name={cfg.model.name}")
+    if info is None:
+        return
+    channels = shapes.get("normalize.mean", [0, info.channels])[1]
+    _check(channels == info.channels, key, path, f"a model for {channels}-channel images; {info.name} has "
+           f"{info.channels}")
+    classes = shapes.get("head.weight", [info.num_classes])[0]
+    _check(cfg.model.new_head or key != "model.init_from" or classes == info.num_classes, key, path,
+           f"its head has {classes} classes, {info.name} has {info.num_classes} (model.new_head=true gives a new one)")
+
+
+def _check_run_folder(cfg: Config) -> None:
+    """A run folder that already holds another run (model, data or method differ) is not resumed or
+    overwritten by mistake: train.resume=never starts it over on purpose."""
+    previous = Path(cfg.run.out_dir) / cfg.run.name / "config.yaml"
+    if cfg.train.resume != "auto" or not previous.is_file():
+        return
+    try:
+        old = yaml.safe_load(previous.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    for section, key in (("model", "name"), ("data", "name"), ("method", "name")):
+        was, now = (old.get(section) or {}).get(key), getattr(getattr(cfg, section), key)
+        _check(was in (None, now), "run.name", cfg.run.name, f"{previous.parent} holds another run ({section}.{key} "
+               f"{was}, here {now}): choose another run.name, or train.resume=never to start it over")
+
+
+def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), training: bool = True) -> None:
     """Impossible values, caught before any rank starts. Imports are local: config stays light.
-    ``pending``: paths that an earlier stage of the same recipe will create."""
+    ``pending``: paths that an earlier stage of the same recipe will create. ``training``: the run
+    writes its folder (evaluation only reads a checkpoint)."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
@@ -332,9 +370,27 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> No
            f"unknown model (known: {', '.join(sorted(MODELS))})")
     _check(cfg.method.name in METHODS, "method.name", cfg.method.name,
            f"unknown method (known: {', '.join(sorted(METHODS))})")
-    if DATASETS[d.name].info.needs_root:
+    source = DATASETS[d.name]
+    if source.info.needs_root:
         _check(d.root is not None and Path(d.root).expanduser().is_dir(), "data.root", d.root,
                f"dataset {d.name} reads user files: a folder that holds them is required")
+        root = Path(d.root).expanduser()
+        _check(not source.markers or any((root / f).is_file() for f in source.markers), "data.root", d.root,
+               f"holds no {d.name} files (looked for {', '.join(source.markers)})")
+        _check(d.name != "imagefolder" or (root / "train").is_dir(), "data.root", d.root,
+               "imagefolder needs train/<class>/ (and test/<class>/) folders of images in it")
+    _check(not a.norm == "Linf" or a.eps <= 1, "attack.eps", a.eps, "an L-inf radius in [0, 1] pixel units "
+           "(inputs are in [0, 1]: 8/255 is 0.0314)")
+    _check(not (cfg.eval.norm or a.norm) == "Linf" or (cfg.eval.eps or 0) <= 1, "eval.eps", cfg.eval.eps,
+           "an L-inf radius in [0, 1] pixel units (inputs are in [0, 1]: 8/255 is 0.0314)")
+    size = source.train_size if not d.root else None  # known for packaged data (not elsewhere)
+    if size:
+        _check(d.holdout < size, "data.holdout", d.holdout, f"must be smaller than the {size:,} training "
+               f"images of {d.name}")
+        usable = min(d.subset or size, size - d.holdout)
+        _check(usable >= d.batch_size, "data.batch_size", d.batch_size,
+               f"one global batch needs that many training images; {d.name} has {usable:,} here (data.subset, "
+               "data.holdout)" + (f", fewer than the {world_size} ranks" if world_size > usable else ""))
     _check(d.batch_size >= world_size, "data.batch_size", d.batch_size,
            f"smaller than the world size ({world_size})")
     _check(d.batch_size % world_size == 0, "data.batch_size", d.batch_size,
@@ -419,6 +475,10 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset()) -> No
            "run.name", cfg.run.name, "must be a plain folder name")
     for key, path in (("model.init_from", cfg.model.init_from), ("rift.robust_from", cfg.rift.robust_from)):
         _check(path is None or Path(path).exists() or path in pending, key, path, "no such file or folder")
+        if path is not None and path not in pending:
+            _check_source(cfg, key, path, source.info if not source.info.needs_root else None)
+    if training:
+        _check_run_folder(cfg)
     r = cfg.rift
     _check(r.eps_w >= 0, "rift.eps_w", r.eps_w, "must be >= 0")
     _check(r.mrc_epochs >= 1, "rift.mrc_epochs", r.mrc_epochs, "must be >= 1")

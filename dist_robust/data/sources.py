@@ -333,22 +333,26 @@ class Source:
     info: DatasetInfo
     load: Callable  # packaged: load(root) -> both splits; needs_root: load(split, root[, size])
     uses_root: bool = False  # packaged data that may still be pointed elsewhere with data.root
+    train_size: Optional[int] = None  # packaged data: images in the train split (config checks)
+    markers: tuple[str, ...] = ()  # user data: files of which one must be under data.root (config checks)
 
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASETS: dict[str, Source] = {s.info.name: s for s in (
-    Source(DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), False), _load_mnist),
-    Source(DatasetInfo("fashion_mnist", 1, 28, 10, (0.2860,), (0.3530,), False), _load_fashion, True),
+    Source(DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), False), _load_mnist, train_size=60000),
+    Source(DatasetInfo("fashion_mnist", 1, 28, 10, (0.2860,), (0.3530,), False), _load_fashion, True,
+           train_size=60000),
     # computed once from the train split (7,716 images), rounded
-    Source(DatasetInfo("animal_mnist", 1, 28, 10, (0.2741,), (0.4059,), False), _load_animal),
+    Source(DatasetInfo("animal_mnist", 1, 28, 10, (0.2741,), (0.4059,), False), _load_animal, train_size=7716),
     # computed once from the train split (1,437 upsampled images), rounded
-    Source(DatasetInfo("digits", 1, 28, 10, (0.3058,), (0.3248,), False), _load_digits),
+    Source(DatasetInfo("digits", 1, 28, 10, (0.3058,), (0.3248,), False), _load_digits, train_size=1437),
     Source(DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-           _load_cifar10),
+           _load_cifar10, markers=("cifar-10-batches-py/test_batch", "cifar-10-batches-bin/test_batch.bin",
+                                   "test_batch", "test_batch.bin")),
     Source(DatasetInfo("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-           _load_cifar100),
+           _load_cifar100, markers=("cifar-100-python/test", "cifar-100-binary/test.bin", "test", "test.bin")),
     Source(DatasetInfo("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), True),
-           _load_svhn),
+           _load_svhn, markers=tuple(f"{d}test_32x32.mat" for d in ("svhn/", "SVHN/", ""))),
     # size and num_classes depend on image_size and the class folders: filled in by dataset_info
     Source(DatasetInfo("imagefolder", 3, 224, 0, *_IMAGENET, True), _load_imagefolder),
 )}

@@ -117,6 +117,14 @@ def save_checkpoint(folder: Path, stem: str, model_state: dict, sidecar: dict,
     return folder / f"{stem}.json"
 
 
+def _tensors(path: Path, data: bytes) -> dict:
+    """safetensors' parser: never executes anything; what it cannot parse is refused in one line."""
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"checkpoint file {path} is not a valid safetensors file: {e}") from None
+
+
 def _read_verified(folder: Path, name: str, expected: str) -> bytes:
     path = folder / name
     if not path.is_file():
@@ -143,13 +151,30 @@ def load_checkpoint(path: str | Path, optimizer: Optional[torch.optim.Optimizer]
     Returns (model_state, sidecar); restores the optimizer when one is given."""
     sidecar = resolve(path)
     meta = read_sidecar(sidecar)
-    state = st_load(_read_verified(sidecar.parent, meta["model_file"], meta["sha256"]["model"]))
+    state = _tensors(sidecar.parent / meta["model_file"],
+                     _read_verified(sidecar.parent, meta["model_file"], meta["sha256"]["model"]))
     if optimizer is not None:
         if "train_file" not in meta:
             raise CheckpointError(f"{sidecar} holds no optimizer state (an exported model?)")
-        tensors = st_load(_read_verified(sidecar.parent, meta["train_file"], meta["sha256"]["train"]))
+        tensors = _tensors(sidecar.parent / meta["train_file"],
+                           _read_verified(sidecar.parent, meta["train_file"], meta["sha256"]["train"]))
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
     return state, meta
+
+
+def model_header(sidecar: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of a checkpoint's model file, from its safetensors header (no tensor read)."""
+    meta = read_sidecar(sidecar)
+    path = Path(sidecar).parent / meta["model_file"]
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > path.stat().st_size - 8:
+                raise ValueError("not a safetensors file (its header length exceeds the file)")
+            header = json.loads(f.read(size))
+        return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is unreadable: {e}") from None
 
 
 def load_rank_buffers(sidecar: Path, rank: int) -> dict:
@@ -160,7 +185,8 @@ def load_rank_buffers(sidecar: Path, rank: int) -> dict:
     meta = read_sidecar(sidecar)
     if "train_file" not in meta:
         return {}
-    tensors = st_load(_read_verified(Path(sidecar).parent, meta["train_file"], meta["sha256"]["train"]))
+    path = Path(sidecar).parent / meta["train_file"]
+    tensors = _tensors(path, _read_verified(path.parent, meta["train_file"], meta["sha256"]["train"]))
     prefix = f"rank{rank}."
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -183,6 +209,9 @@ def resolve(path: str | Path) -> Path:
         if found is not None:
             return found
         raise CheckpointError(f"no complete checkpoint in {p}")
+    if p.is_file():
+        raise CheckpointError(f"{p} is not a dist_robust checkpoint (a .safetensors file with its .json sidecar, "
+                              "or a run folder); other formats are never unpickled")
     raise CheckpointError(f"checkpoint {p} not found")
 
 

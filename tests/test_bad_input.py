@@ -1,0 +1,116 @@
+"""User mistakes beyond a config value's type (test_config.py has those): each exits with status 2 and
+one line on stderr naming the thing, before any rank starts, and leaves an existing run untouched.
+Also: loading a checkpoint never executes code. The README's troubleshooting section lists them."""
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_robust.cli import main
+from dist_robust.engine.checkpoint import save_checkpoint
+from dist_robust.models import build_model
+
+RECIPE = "configs/quickstart.yaml"
+
+
+def _checkpoint(folder: Path, name: str, channels: int = 1, classes: int = 10) -> str:
+    """A model checkpoint as a run exports it (no training needed to be refused)."""
+    model = build_model(name, channels, classes, (0.5,) * channels, (0.5,) * channels, image_size=28)
+    save_checkpoint(folder, "model", model.state_dict(), dict(config={"model": {"name": name}}, epoch=1, step=1))
+    return str(folder)
+
+
+@pytest.fixture
+def world(tmp_path):
+    """An existing run (its files must survive every mistake) and checkpoints to misuse."""
+    run = tmp_path / "runs" / "existing"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {name: cnn3}\ndata: {name: mnist}\nmethod: {name: pgd_at}\n")
+    (run / "results.json").write_text('{"clean": {"acc": 0.9}}\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "images").mkdir()
+    return {"tmp": tmp_path, "run": run,
+            "resnet": _checkpoint(tmp_path / "resnet_small", "resnet_small"),
+            "rgb": _checkpoint(tmp_path / "rgb", "cnn3", channels=3),
+            "c100": _checkpoint(tmp_path / "c100", "cnn3", classes=100)}
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# (arguments after `dist-robust`, environment, what the one line must name); {x} are world's paths
+MISTAKES = [
+    (["train", RECIPE, "attack.eps=8"], {}, "attack.eps=8"),                                   # 8 for 8/255
+    (["train", RECIPE, "eval.eps=2"], {}, "eval.eps=2"),
+    (["train", RECIPE, "model.init_from={resnet}"], {}, "holds a resnet_small model"),         # architecture
+    (["train", RECIPE, "model.init_from={c100}", "model.new_head=false"], {}, "head has 100 classes"),
+    (["train", RECIPE, "model.init_from={rgb}"], {}, "3-channel"),                             # channels
+    (["train", RECIPE, "data.name=digits", "data.batch_size=2000"], {"WORLD_SIZE": "2000", "RANK": "0"},
+     "fewer than the 2000 ranks"),                                                              # world > data
+    (["train", RECIPE, "data.subset=100", "data.batch_size=128"], {}, "mnist has 100 here"),
+    (["train", RECIPE, "data.holdout=60000"], {}, "data.holdout=60000"),
+    (["train", RECIPE, "data.name=cifar10", "data.root={tmp}/empty"], {}, "holds no cifar10 files"),
+    (["train", RECIPE, "data.name=imagefolder", "data.root={tmp}/images"], {}, "train/<class>/"),
+    (["train", RECIPE, "model.name=resnet_small", "run.out_dir={tmp}/runs", "run.name=existing"], {},
+     "holds another run (model.name cnn3, here resnet_small)"),                                 # reused run name
+    (["train", RECIPE, "method.name=twins_at", "data.batch_size=6"], {"WORLD_SIZE": "2", "RANK": "0"},
+     "per-rank batch (3) must be even"),
+    (["train", RECIPE, "train.checkpoint_every=-5"], {}, "train.checkpoint_every=-5"),
+    (["train", "{tmp}/no_such_recipe.yaml"], {}, "no_such_recipe.yaml"),
+    (["eval", "--checkpoint", "{c100}", "--dataset", "mnist"], {}, "--dataset=mnist: 10 classes"),
+    (["eval", "--checkpoint", "{tmp}/nothing_here", "--dataset", "mnist"], {}, "nothing_here"),
+    (["eval", "--checkpoint", "{resnet}", "--dataset", "cifar10"], {}, "data.root"),
+    (["eval", "--checkpoint", "{resnet}", "--dataset", "mnist", "--eps", "4"], {}, "eval.eps=4.0"),
+]
+
+
+@pytest.mark.parametrize("args,env,names", MISTAKES, ids=[m[2] for m in MISTAKES])
+def test_a_mistake_exits_2_with_one_line_and_overwrites_nothing(world, args, env, names, monkeypatch, capsys):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    before = _tree(world["tmp"])
+    assert main([a.format(**{k: str(v) for k, v in world.items()}) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dist-robust: error:"), err
+    assert names in err, err
+    assert _tree(world["tmp"]) == before
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that a loader executed code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("disguise", ["model.pt", "model.safetensors"])
+def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path, disguise, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / disguise
+    evil.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    if disguise.endswith(".safetensors"):  # with a forged sidecar whose hash matches the pickle
+        digest = hashlib.sha256(evil.read_bytes()).hexdigest()
+        (tmp_path / "model.json").write_text(json.dumps({"format": "dist_robust.checkpoint/1", "model_file":
+                                                          disguise, "sha256": {"model": digest},
+                                                          "config": {"model": {"name": "cnn3"}}}))
+    for args in (["eval", "--checkpoint", str(evil), "--dataset", "mnist"],
+                 ["train", RECIPE, f"model.init_from={evil}", f"run.out_dir={tmp_path}"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(evil) in err, err
+    from dist_robust.engine.checkpoint import CheckpointError, load_checkpoint
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+    if disguise.endswith(".pt"):  # the foreign-format path (scripts/convert_*): torch.load(weights_only=True)
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(evil, weights_only=True)
+    assert not marker.exists()
