@@ -34,25 +34,29 @@ class _Stop(BaseException):
     """Stands for the process dying: nothing in the engine catches it."""
 
 
+def _die_at_step(monkeypatch, n: int) -> None:
+    """The n-th training loss raises _Stop, as if the process died there (monkeypatch.undo revives it)."""
+    from dist_robust.methods.pgd_at import PGDAdversarialTraining as PGDAT
+    real, calls = PGDAT.loss, {"n": 0}
+
+    def dying(self, model, x, y):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Stop
+        return real(self, model, x, y)
+
+    monkeypatch.setattr(PGDAT, "loss", dying)
+
+
 def test_a_run_stopped_inside_an_epoch_resumes_there_bitwise(tmp_path, monkeypatch, capsys):
     every = ["train.checkpoint_every=4"]
     assert main(_args(tmp_path, "unbroken", *every)) == 0
     # Same run, stopped at its 30th step (the 8th of epoch 2 with 22 steps per epoch): step 28 was
     # its last checkpoint, so 2 steps are lost and redone.
-    from dist_robust.methods.pgd_at import PGDAdversarialTraining as PGDAT
-    calls = {"n": 0}
-    real = PGDAT.loss
-
-    def dying(self, model, x, y):
-        calls["n"] += 1
-        if calls["n"] == 30:
-            raise _Stop
-        return real(self, model, x, y)
-
-    monkeypatch.setattr(PGDAT, "loss", dying)
+    _die_at_step(monkeypatch, 30)
     with pytest.raises(_Stop):
         main(_args(tmp_path, "stopped", *every))
-    monkeypatch.setattr(PGDAT, "loss", real)
+    monkeypatch.undo()
     ckpts = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").glob("*.json"))
     assert ckpts == ["epoch_0001.json", "step_00000024.json", "step_00000028.json"], ckpts
     capsys.readouterr()
@@ -64,20 +68,10 @@ def test_a_run_stopped_inside_an_epoch_resumes_there_bitwise(tmp_path, monkeypat
 
 
 def test_a_mid_epoch_checkpoint_refuses_another_batch_layout(tmp_path, monkeypatch, capsys):
-    from dist_robust.methods.pgd_at import PGDAdversarialTraining as PGDAT
-    real = PGDAT.loss
-    calls = {"n": 0}
-
-    def dying(self, model, x, y):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise _Stop
-        return real(self, model, x, y)
-
-    monkeypatch.setattr(PGDAT, "loss", dying)
+    _die_at_step(monkeypatch, 6)
     with pytest.raises(_Stop):
         main(_args(tmp_path, "r", "train.checkpoint_every=4"))
-    monkeypatch.setattr(PGDAT, "loss", real)
+    monkeypatch.undo()
     capsys.readouterr()
     assert main(_args(tmp_path, "r", "train.checkpoint_every=4", "data.batch_size=32")) == 1
     err = capsys.readouterr().err.strip().splitlines()
