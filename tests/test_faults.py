@@ -142,6 +142,7 @@ def _nan_on_rank_1(rank, world, tmp_path):
     with pytest.raises(FloatingPointError) as err:
         engine.train(cfg, torch.device("cpu"))
     message = str(err.value)
+    torch.distributed.barrier()  # both ranks past the stop before the group is torn down
     assert "non-finite loss at step 3 (epoch 1) on rank(s) 1" in message, message
     assert not (tmp_path / "nan" / "checkpoints").exists() or not list((tmp_path / "nan" / "checkpoints").iterdir())
 
