@@ -12,10 +12,12 @@ TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node
 install: $(STAMP) $(FASHION)
 
 # Re-runs only when a requirements file or the package metadata changes, so a second call is instant.
-$(STAMP): requirements.txt requirements-nodeps.txt setup.cfg pyproject.toml
+$(STAMP): requirements.txt requirements-build.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	# needs torch (and a C++ compiler, the Python headers) to build: see requirements-build.txt
+	DS_BUILD_SHM_COMM=1 $(PY) -m pip install -q --no-build-isolation -r requirements-build.txt
 	# packages whose declared pins would break the environment: no dependencies
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .

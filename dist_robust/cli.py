@@ -96,7 +96,9 @@ def _set_threads(requested, env) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the `deepspeed` launcher adds --local_rank=N unless told --no_local_rank; ranks come from the environment
+    args = _parser().parse_args([a for a in argv if not a.startswith("--local_rank")])
     if args.command == "report":
         from .report import results_table
         try:

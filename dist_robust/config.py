@@ -8,6 +8,7 @@ into exit status 2 before any rank starts training.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -167,6 +168,8 @@ class RiftConfig:
 class DistConfig:
     backend: str = "auto"               # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 1800
+    engine: str = "ddp"                 # ddp | deepspeed (engine/deepspeed.py)
+    zero_stage: int = 0                 # deepspeed: ZeRO stage 0, 1 or 2
 
 
 @dataclass
@@ -470,6 +473,12 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
             raise ConfigError(f"eval.attacks={name!r}: {e}") from None
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", cfg.dist.backend,
            "must be auto, gloo or nccl")
+    _check(cfg.dist.engine in ("ddp", "deepspeed"), "dist.engine", cfg.dist.engine, "must be ddp or deepspeed")
+    if cfg.dist.engine == "deepspeed":
+        _check(cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage", cfg.dist.zero_stage,
+               "must be 0, 1 or 2 (ZeRO-3's partitioned weights are not checkpointed: engine/deepspeed.py)")
+        _check(importlib.util.find_spec("deepspeed") is not None, "dist.engine", cfg.dist.engine,
+               "DeepSpeed is not installed (make install installs it)")
     _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
            "run.name", cfg.run.name, "must be a plain folder name")

@@ -62,6 +62,8 @@ MISTAKES = [
     (["train", RECIPE, "method.name=twins_at", "data.batch_size=6"], {"WORLD_SIZE": "2", "RANK": "0"},
      "per-rank batch (3) must be even"),
     (["train", RECIPE, "train.checkpoint_every=-5"], {}, "train.checkpoint_every=-5"),
+    (["train", RECIPE, "dist.engine=horovod"], {}, "dist.engine='horovod'"),
+    (["train", RECIPE, "dist.engine=deepspeed", "dist.zero_stage=3"], {}, "dist.zero_stage=3"),     # not supported
     (["train", "{tmp}/no_such_recipe.yaml"], {}, "no_such_recipe.yaml"),
     (["eval", "--checkpoint", "{c100}", "--dataset", "mnist"], {}, "--dataset=mnist: 10 classes"),
     (["eval", "--checkpoint", "{tmp}/nothing_here", "--dataset", "mnist"], {}, "nothing_here"),

@@ -24,7 +24,7 @@ def _model_and_opt():
 
 def test_round_trip_is_exact(tmp_path):
     model, opt = _model_and_opt()
-    save_checkpoint(tmp_path, "epoch_0001", model.state_dict(), {"epoch": 1, "step": 7, "config": {}}, opt)
+    save_checkpoint(tmp_path, "epoch_0001", model.state_dict(), {"epoch": 1, "step": 7, "config": {}}, opt.state_dict())
     model2, opt2 = _model_and_opt()
     for p in model2.parameters():
         p.data.zero_()
@@ -45,7 +45,7 @@ def test_missing_truncated_and_corrupted(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nothing.safetensors")
     for epoch in (1, 2):
-        save_checkpoint(tmp_path, f"epoch_{epoch:04d}", model.state_dict(), {"epoch": epoch, "step": epoch}, opt)
+        save_checkpoint(tmp_path, f"epoch_{epoch:04d}", model.state_dict(), {"epoch": epoch, "step": epoch}, opt.state_dict())
     f = tmp_path / "epoch_0002.safetensors"
     f.write_bytes(f.read_bytes()[:1000])  # truncated
     with pytest.raises(CheckpointError, match="sha256"):

@@ -57,17 +57,22 @@ def test_dockerfile_lints_clean(hadolint):
     assert r.returncode == 1 and [f["code"] for f in json.loads(r.stdout)] == ["DL3008"], r.stdout
 
 
+FLAGS = ("--no-deps", "--no-build-isolation")
+
+
 def _pip_installs(commands):
-    """[(target, no_deps)] of each `pip install`, in order; target: a requirements file, or '.'."""
+    """[(target, flags, env)] of each `pip install`, in order; target: a requirements file, or '.'; flags:
+    those of FLAGS it uses; env: the VAR=value words before the command."""
     out = []
     for cmd in commands:
         words = shlex.split(cmd)
         if "pip" not in words or "install" not in words[words.index("pip"):]:
             continue
         args = words[words.index("install", words.index("pip")) + 1:]
+        env = tuple(w for w in words[:words.index("pip")] if re.match(r"[A-Z_]+=", w))
         targets = [args[i + 1] for i, a in enumerate(args) if a in ("-r", "--requirement")]
         targets += ["."] if "." in args else []
-        out += [(t, "--no-deps" in args) for t in targets]
+        out += [(t, tuple(f for f in FLAGS if f in args), env) for t in targets]
     return out
 
 
@@ -104,10 +109,13 @@ def test_dockerfile_installs_what_make_install_does():
     make = _pip_installs(_makefile_commands())
     instructions = _dockerfile_instructions()
     docker = _pip_installs([c for word, rest in instructions if word == "RUN" for c in rest.split("&&")])
-    assert make == [("requirements.txt", False), ("requirements-nodeps.txt", True), (".", True)], make
+    assert make == [("requirements.txt", (), ()),
+                    ("requirements-build.txt", ("--no-build-isolation",), ("DS_BUILD_SHM_COMM=1",)),
+                    ("requirements-nodeps.txt", ("--no-deps",), ()),
+                    (".", FLAGS, ())], make
     assert docker == make  # the same files, in the same order, --no-deps where make install uses it
     copied = [w for word, rest in instructions if word == "COPY" for w in shlex.split(rest)[:-1]]
-    for req in ("requirements.txt", "requirements-nodeps.txt"):
+    for req in ("requirements.txt", "requirements-build.txt", "requirements-nodeps.txt"):
         assert req in copied and (ROOT / req).is_file()
     # the package build needs its metadata files and code in the image
     assert {"setup.cfg", "pyproject.toml", "README.md", "dist_robust"} <= set(copied)

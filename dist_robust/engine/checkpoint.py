@@ -68,9 +68,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(decode(state["cuda"]))
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _optimizer_tensors(sd: dict) -> tuple[dict, dict]:
     """Split an optimizer state_dict into tensors (for safetensors) and JSON (the rest)."""
-    sd = opt.state_dict()
     tensors, plain = {}, {}
     for idx, state in sd["state"].items():
         for k, v in state.items():
@@ -95,17 +94,18 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) ->
 
 
 def save_checkpoint(folder: Path, stem: str, model_state: dict, sidecar: dict,
-                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    optimizer_state: Optional[dict] = None,
                     rank_buffers: Optional[list[dict]] = None) -> Path:
     """Write ``stem``'s files into ``folder`` (rank 0 only). Returns the sidecar path.
+    ``optimizer_state``: a torch optimizer's state_dict (one entry per parameter, whatever the engine).
     ``rank_buffers``: every rank's module buffers, kept in the training file for exact resume (see
     ``load_rank_buffers``)."""
     folder = Path(folder)
     model_bytes = st_save({k: v.detach().cpu().contiguous() for k, v in model_state.items()})
     meta = dict(sidecar, format=FORMAT, model_file=f"{stem}.safetensors",
                 sha256={"model": sha256(model_bytes)})
-    if optimizer is not None:
-        tensors, opt_meta = _optimizer_tensors(optimizer)
+    if optimizer_state is not None:
+        tensors, opt_meta = _optimizer_tensors(optimizer_state)
         for r, buffers in enumerate(rank_buffers or ()):
             tensors.update({f"rank{r}.{k}": v.detach().cpu().contiguous() for k, v in buffers.items()})
         train_bytes = st_save(tensors)

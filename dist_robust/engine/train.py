@@ -1,8 +1,9 @@
-"""The training loop: one method, DDP, per-iteration LR, a checkpoint each epoch, evaluation at the end.
+"""The training loop: one method, DDP or DeepSpeed, per-iteration LR, a checkpoint each epoch, evaluation
+at the end.
 
-Read top to bottom: build data, model and method -> resume -> for each epoch: for each batch:
-set lr, method loss, backward, step (-> checkpoint every train.checkpoint_every steps) -> checkpoint ->
-export -> exact sharded evaluation.
+Read top to bottom: build data, model and method -> resume the weights -> wrap (DDP or DeepSpeed) ->
+resume the optimizer -> for each epoch: for each batch: set lr, method loss, backward, step
+(-> checkpoint every train.checkpoint_every steps) -> checkpoint -> export -> exact sharded evaluation.
 """
 from __future__ import annotations
 
@@ -63,12 +64,30 @@ def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
     return [r for r, f in enumerate(dist.all_reduce_sum(flags).tolist()) if f]
 
 
-def _resume(sidecar: Path, model, opt, steps_per_epoch: int) -> tuple[int, int, int, list | None, dict]:
-    """Load a training checkpoint into ``model`` and ``opt``; returns (epoch, batch inside it, step, this
-    rank's running epoch totals or None, this rank's own buffers) and restores this rank's RNG stream.
-    Each rank's RNG and buffers continue exactly when the world size is the one that wrote it."""
+class DDPTrainer:
+    """The DDP engine: ``model`` (the training forward, which synchronises gradients), ``optimizer`` and
+    ``step(loss)``; engine/deepspeed.py has the same three for DeepSpeed."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device):
+        # Gradients as views of DDP's buckets save a copy per step (and avoid its stride warning on
+        # 1-channel convs).
+        self.model = model if dist.world_size() == 1 else DDP(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        self.optimizer = opt
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def _resume(sidecar: Path, model, steps_per_epoch: int) -> tuple[int, int, int, list | None, dict]:
+    """Load a training checkpoint's weights into ``model`` (the optimizer's state follows once the engine
+    is built); returns (epoch, batch inside it, step, this rank's running epoch totals or None, this
+    rank's own buffers) and restores this rank's RNG stream. Each rank's RNG and buffers continue
+    exactly when the world size is the one that wrote it."""
     rank, world = dist.rank(), dist.world_size()
-    state, meta = load_checkpoint(sidecar, optimizer=opt)
+    state, meta = load_checkpoint(sidecar)
     model.load_state_dict(state)
     batch, totals, buffers = 0, None, {}
     if "batch" in meta:  # inside an epoch: only the same batch layout continues exactly
@@ -109,7 +128,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # each rank draws its own attack noise
     sidecar = last_good(ckpt_dir) if cfg.train.resume == "auto" and ckpt_dir.is_dir() else None
     start_epoch, start_batch, step, resumed_totals, own_buffers = (
-        _resume(sidecar, model, opt, steps_per_epoch) if sidecar else (0, 0, 0, None, {}))
+        _resume(sidecar, model, steps_per_epoch) if sidecar else (0, 0, 0, None, {}))
     if sidecar:
         where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch}"
         log.info("resumed from %s: %s, step %d, lr %.4g", sidecar, where, step, lr_at(step, steps_per_epoch, o, epochs))
@@ -117,23 +136,31 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg).encode())
     journal = JsonlLog(run_dir / "log.jsonl" if dist.is_main() else None)
-    # The training forward goes through DDP; attacks use the unwrapped `model`. Gradients as views of
-    # DDP's buckets save a copy per step (and avoid its stride warning on 1-channel convs).
-    train_model = model if world == 1 else DDP(
-        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    with torch.no_grad():  # after DDP's construction, which copies rank 0's buffers to every rank
+    # The training forward goes through the engine's wrapper; attacks use the unwrapped `model`.
+    if cfg.dist.engine == "deepspeed":
+        from .deepspeed import DeepSpeedTrainer
+        trainer = DeepSpeedTrainer(model, opt, cfg, cfg.data.batch_size // world)
+    else:
+        trainer = DDPTrainer(model, opt, device)
+    train_model, opt = trainer.model, trainer.optimizer
+    if sidecar:  # the engine holds the optimizer's state now (ZeRO: partitioned over the ranks)
+        load_checkpoint(sidecar, optimizer=opt)
+    with torch.no_grad():  # after the wrapper's construction, which copies rank 0's buffers to every rank
         for name, buf in model.named_buffers():
             if name in own_buffers:
                 buf.copy_(own_buffers[name])
-    log.info("%s: %s on %s (%d images, %d ranks, %d steps/epoch), method %s, device %s", cfg.run.name,
-             cfg.model.name, cfg.data.name, loader.num_points, world, steps_per_epoch, cfg.method.name, device)
+    engine = "ddp" if cfg.dist.engine == "ddp" else f"deepspeed ZeRO-{cfg.dist.zero_stage}"
+    log.info("%s: %s on %s (%d images, %d ranks, %d steps/epoch), method %s, %s, device %s", cfg.run.name,
+             cfg.model.name, cfg.data.name, loader.num_points, world, steps_per_epoch, cfg.method.name, engine,
+             device)
 
     def checkpoint(stem: str, **meta) -> None:  # on every rank: the gathers are collectives
         rngs = dist.all_gather_objects(rng_state())
         buffers = dist.all_gather_objects({k: v.cpu() for k, v in model.named_buffers()}) if world > 1 else None
+        opt_state = opt.state_dict()  # ZeRO: assembled from every rank's partition
         if dist.is_main():
             save_checkpoint(ckpt_dir, stem, model.state_dict(), dict(config=to_dict(cfg), rng=rngs, **meta),
-                            optimizer=opt, rank_buffers=buffers)
+                            optimizer_state=opt_state, rank_buffers=buffers)
         dist.barrier()
 
     for epoch in range(start_epoch, epochs):
@@ -153,9 +180,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
                 raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch + 1}) on rank(s) "
                                          f"{', '.join(map(str, bad))}: stopped before the update, no checkpoint "
                                          "written from this state")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            trainer.step(loss)
             step += 1
             totals += torch.stack([metrics["loss_sum"].double().cpu(), metrics["correct"].double().cpu(),
                                    metrics["n"].double().cpu()])
