@@ -13,15 +13,27 @@ install: $(STAMP) $(FASHION)
 
 # Re-runs only when a requirements file or the package metadata changes, so a second call is instant.
 $(STAMP): requirements.txt requirements-build.txt requirements-nodeps.txt setup.cfg pyproject.toml
+	@$(MAKE) --no-print-directory ffcv-system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	# needs torch (and a C++ compiler, the Python headers) to build: see requirements-build.txt
+	# needs torch (and a C++ compiler, the Python headers, FFCV's system libraries) to build: see requirements-build.txt
 	DS_BUILD_SHM_COMM=1 $(PY) -m pip install -q --no-build-isolation -r requirements-build.txt
 	# packages whose declared pins would break the environment: no dependencies
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# FFCV compiles against OpenCV and libjpeg-turbo: their Debian development packages.
+FFCV_APT := pkg-config libopencv-dev libturbojpeg0-dev
+.PHONY: ffcv-system-deps
+ffcv-system-deps:
+	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q --no-install-recommends $(FFCV_APT) || \
+	    { apt-get update -q && apt-get install -y -q --no-install-recommends $(FFCV_APT); }; \
+	  else echo "FFCV needs system libraries: run 'sudo apt-get install $(FFCV_APT)', then make again" >&2; exit 1; fi; \
+	fi
 
 # Fashion-MNIST ships as a Debian package.
 $(FASHION):

@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--root", default=None, help="data folder for user-provided datasets")
     e.add_argument("--seed", type=int, default=0, help="seed of the per-point random starts")
     e.add_argument("--out", default=None, help="results file (default: eval-DATASET-SPLIT.json by the checkpoint)")
+    pr = sub.add_parser("prepare", help="write FFCV .beton files of a dataset (data.loader=ffcv reads them)")
+    pr.add_argument("dataset", help="a registered dataset (mnist, cifar10, imagefolder, ...)")
+    pr.add_argument("--split", default="train,test", help="comma-separated: train, test (default both)")
+    pr.add_argument("--format", default="raw", choices=["raw", "jpeg"], help="raw: exact uint8; jpeg: smaller")
+    pr.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-100")
+    pr.add_argument("--out", default="data/ffcv", help="folder of the .beton files (data.ffcv_dir)")
+    pr.add_argument("--root", default=None, help="data folder for user-provided datasets")
+    pr.add_argument("--image-size", type=int, default=None, help="imagefolder: side of the square images")
+    pr.add_argument("--workers", type=int, default=0, help="writer processes (default: the CPUs)")
     r = sub.add_parser("report", help="print a table of results")
     r.add_argument("runs", nargs="+", help="run folders or results.json files")
     return p
@@ -87,6 +96,28 @@ def _run_eval(cfg, sidecar, out, device):
     return evaluate_run(cfg, model.to(device), device, checkpoint=str(sidecar), out=out)
 
 
+def _prepare(args) -> int:
+    """``dist-robust prepare``: one process, no process group."""
+    try:
+        from .data.ffcv import FFCVDataError, prepare
+    except ImportError as e:
+        print(f"dist-robust: error: FFCV is not installed ({e}): run make install", file=sys.stderr)
+        return RUN_ERROR
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    try:
+        bad = [s for s in splits if s not in ("train", "test")]
+        if bad or not splits:
+            raise FFCVDataError(f"--split={args.split}: each split must be train or test")
+        for split in splits:
+            path, written = prepare(args.dataset, split, args.out, args.format, args.quality, root=args.root,
+                                    image_size=args.image_size, workers=args.workers or len(os.sched_getaffinity(0)))
+            print(f"{path}: {'written' if written else 'up to date'}")
+    except (FFCVDataError, ValueError, FileNotFoundError) as e:
+        print(f"dist-robust: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
 def _set_threads(requested, env) -> None:
     """train.threads, else the CPUs this process may run on (a slurm allocation or a cpuset, not the whole
     node) shared out over the node's ranks. OMP_NUM_THREADS is not read: torchrun sets it to 1 itself."""
@@ -107,6 +138,8 @@ def main(argv=None) -> int:
             print(f"dist-robust: error: {e}", file=sys.stderr)
             return RUN_ERROR
         return 0
+    if args.command == "prepare":
+        return _prepare(args)
 
     env = dist.read_env()
     say = lambda msg: print(f"dist-robust: error: {msg}" if env.rank == 0 else

@@ -47,6 +47,10 @@ class DataConfig:
     eval_batch_size: int = 500          # per rank
     crop_padding: int = 0               # random crop with this zero padding (0: no crop)
     flip: bool = False                  # random horizontal flip (wrong for digits, right for photos)
+    loader: str = "auto"                # auto | memory | ffcv | torch (data/select.py says what auto picks)
+    ffcv_dir: str = "data/ffcv"         # ffcv: where `dist-robust prepare` writes NAME-SPLIT-FORMAT.beton
+    ffcv_format: str = "raw"            # ffcv: raw (exact uint8) | jpeg
+    workers: int = 0                    # ffcv: decoding threads, torch: worker processes (0 ffcv: this rank's threads)
 
 
 @dataclass
@@ -473,6 +477,12 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
             raise ConfigError(f"eval.attacks={name!r}: {e}") from None
     _check(cfg.dist.backend in ("auto", "gloo", "nccl"), "dist.backend", cfg.dist.backend,
            "must be auto, gloo or nccl")
+    _check(d.loader in ("auto", "memory", "ffcv", "torch"), "data.loader", d.loader,
+           "must be auto, memory, ffcv or torch")
+    _check(d.ffcv_format in ("raw", "jpeg"), "data.ffcv_format", d.ffcv_format, "must be raw or jpeg")
+    _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(d.loader != "ffcv" or importlib.util.find_spec("ffcv") is not None, "data.loader", d.loader,
+           "FFCV is not installed (make install installs it)")
     _check(cfg.dist.engine in ("ddp", "deepspeed"), "dist.engine", cfg.dist.engine, "must be ddp or deepspeed")
     if cfg.dist.engine == "deepspeed":
         _check(cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage", cfg.dist.zero_stage,

@@ -57,6 +57,29 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def epoch_batches(num_points: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """Rank's indices into range(num_points) for an epoch, [steps, batch_size]: one permutation from
+    (seed, epoch) that every rank computes, cut into global batches, each rank its own slice of each;
+    the incomplete tail is dropped. Every loader (memory, ffcv, torch) trains in this order."""
+    global_batch = batch_size * world_size
+    steps = num_points // global_batch
+    perm = torch.randperm(num_points, generator=_generator(seed, epoch))
+    return perm[:steps * global_batch].view(steps, world_size, batch_size)[:, rank]
+
+
+def augment(x: torch.Tensor, crop_padding: int, flip: bool, seed: int, epoch: int, rank: int,
+            batch: int) -> torch.Tensor:
+    """The training augmentation of a uint8 batch, on its device, seeded by (seed, epoch, rank, batch) so
+    that a resumed epoch and every loader reproduce it."""
+    if crop_padding or flip:
+        gen = _generator(seed, epoch, rank, batch)
+        if crop_padding:
+            x = random_crop(x, crop_padding, gen)
+        if flip:
+            x = random_flip(x, gen)
+    return x
+
+
 class TrainLoader:
     """Shuffled, augmented training batches of `batch_size` per rank; the incomplete tail is dropped."""
 
@@ -105,23 +128,14 @@ class TrainLoader:
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """This rank's indices for the epoch, [len(self), batch_size] (into the subset, if any)."""
-        perm = torch.randperm(self.num_points, generator=_generator(self.seed, epoch))
-        batches = perm[:len(self) * self.global_batch].view(len(self), self.world_size, self.batch_size)
-        return batches[:, self.rank]
+        return epoch_batches(self.num_points, self.batch_size, self.rank, self.world_size, self.seed, epoch)
 
     def iter_from(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of `epoch` from `start_batch` on, exactly as an uninterrupted epoch has them."""
         order = self.epoch_order(epoch).to(self.device)
         for i in range(start_batch, len(self)):
             idx = order[i]
-            x = self.images[idx]
-            if self.crop_padding or self.flip:
-                # seeded per batch, so resuming mid-epoch reproduces the same augmentation
-                gen = _generator(self.seed, epoch, self.rank, i)
-                if self.crop_padding:
-                    x = random_crop(x, self.crop_padding, gen)
-                if self.flip:
-                    x = random_flip(x, gen)
+            x = augment(self.images[idx], self.crop_padding, self.flip, self.seed, epoch, self.rank, i)
             yield _to_float(x), self.labels[idx]
 
 
@@ -134,7 +148,7 @@ class EvalLoader:
         if batch_size <= 0:
             raise ValueError(f"eval batch size must be positive, got {batch_size}")
         n = min(limit, len(dataset)) if limit else len(dataset)  # None or 0: everything
-        self.shard = shard_indices(n, rank, world_size)
+        self.total, self.shard = n, shard_indices(n, rank, world_size)
         self.batch_size, self.num_points = batch_size, len(self.shard)
         device = torch.device(device)
         # a contiguous slice: a view on CPU, one copy on an accelerator
@@ -157,9 +171,15 @@ def holdout_split(train: Dataset, holdout: int) -> tuple[Dataset, Dataset]:
     comparison selects on the same points and trains on the same rest."""
     if not 0 < holdout < len(train):
         raise ValueError(f"data.holdout={holdout}: must be in (0, {len(train)}) for {train.info.name}")
-    priority = torch.randperm(len(train), generator=_generator("holdout", len(train))).numpy()
-    val = torch.from_numpy(stratified_take(train.labels.numpy(), holdout, priority))
-    keep = torch.ones(len(train), dtype=torch.bool)
-    keep[val] = False
+    keep, val = holdout_indices(train.labels, holdout)
     return (Dataset(train.images[keep], train.labels[keep], train.info),
             Dataset(train.images[val], train.labels[val], train.info))
+
+
+def holdout_indices(labels: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held-out) sorted positions of ``holdout_split``'s two parts in the train split."""
+    priority = torch.randperm(len(labels), generator=_generator("holdout", len(labels))).numpy()
+    val = torch.from_numpy(stratified_take(labels.numpy(), holdout, priority))
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().squeeze(1), val

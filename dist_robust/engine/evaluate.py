@@ -19,7 +19,7 @@ import torch
 
 from .. import dist
 from ..attacks import pgd, random_start
-from ..data import EvalLoader, shard_indices
+from ..data import EvalLoader
 from .checkpoint import atomic_write
 
 _ITERATIVE = re.compile(r"(pgd|cw)-(\d+)$")
@@ -56,14 +56,16 @@ def _correct(model, x, y):
 def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, batch_size: int,
              device: torch.device, limit: int | None = None, seed: int = 0, norm: str = "Linf",
              restarts: int = 1, attack_opts: dict | None = None, aa_state_dir: Path | None = None,
-             fingerprint: str = "", progress=None, aa_block_size: int = 500) -> dict:
+             fingerprint: str = "", progress=None, aa_block_size: int = 500, loader=None) -> dict:
     """Evaluate the unwrapped ``model`` on this rank's shard; returns the summed results dict.
-    attack_opts: extra pgd() keywords (compile, precision, channels_last)."""
+    attack_opts: extra pgd() keywords (compile, precision, channels_last). ``loader``: this rank's
+    shard as an FFCVEvalLoader (then ``dataset`` may be None, unless AutoAttack runs: it reads the
+    in-memory split); by default an EvalLoader of ``dataset``."""
     specs = {name: parse_attack(name) for name in attacks if name != "clean"}
     iterative = {k: s for k, s in specs.items() if s["kind"] == "pgd"}
-    n_total = min(len(dataset), limit) if limit else len(dataset)
-    shard = shard_indices(n_total, dist.rank(), dist.world_size())
-    loader = EvalLoader(dataset, batch_size, dist.rank(), dist.world_size(), device=device, limit=limit)
+    if loader is None:
+        loader = EvalLoader(dataset, batch_size, dist.rank(), dist.world_size(), device=device, limit=limit)
+    n_total, shard = loader.total, loader.shard
     counts = torch.zeros(2 + len(iterative), dtype=torch.float64)  # n, clean, one per iterative attack
     seconds = torch.zeros(1 + len(iterative), dtype=torch.float64)
     was_training = model.training

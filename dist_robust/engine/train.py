@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist
 from ..config import Config, to_dict, to_yaml
-from ..data import TrainLoader, load_split
+from ..data import dataset_info, load_split
+from ..data.select import ffcv_eval_loader, resolve_loader, train_loader
 from ..methods import build_method
 from ..models import build_model, load_backbone
 from ..models.dual_bn import export_plain
@@ -34,9 +35,13 @@ log = logging.getLogger("dist_robust")
 
 
 def build(cfg: Config, device: torch.device):
-    """Dataset and model of a run (the model on ``device``, with its source backbone if any)."""
-    train_set = load_split(cfg.data, "train")
-    info = train_set.info
+    """Dataset and model of a run (the model on ``device``, with its source backbone if any). The
+    dataset is None when the run reads a .beton (data.loader=ffcv): then nothing is loaded here."""
+    if resolve_loader(cfg.data) == "ffcv":
+        train_set, info = None, dataset_info(cfg.data.name, cfg.data.root, cfg.data.image_size)
+    else:
+        train_set = load_split(cfg.data, "train")
+        info = train_set.info
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name, info.channels, info.num_classes, info.mean, info.std,
                         image_size=info.size)
@@ -121,9 +126,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     o = cfg.optim
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay, nesterov=o.nesterov)
-    loader = TrainLoader(train_set, cfg.data.batch_size // world, rank, world, seed=cfg.train.seed,
-                         crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, device=device,
-                         subset=cfg.data.subset)
+    loader = train_loader(cfg.data, cfg.data.batch_size // world, rank, world, cfg.train.seed, device, train_set)
     steps_per_epoch, epochs = len(loader), cfg.train.epochs
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # each rank draws its own attack noise
     sidecar = last_good(ckpt_dir) if cfg.train.resume == "auto" and ckpt_dir.is_dir() else None
@@ -150,9 +153,9 @@ def train(cfg: Config, device: torch.device) -> dict | None:
             if name in own_buffers:
                 buf.copy_(own_buffers[name])
     engine = "ddp" if cfg.dist.engine == "ddp" else f"deepspeed ZeRO-{cfg.dist.zero_stage}"
-    log.info("%s: %s on %s (%d images, %d ranks, %d steps/epoch), method %s, %s, device %s", cfg.run.name,
-             cfg.model.name, cfg.data.name, loader.num_points, world, steps_per_epoch, cfg.method.name, engine,
-             device)
+    log.info("%s: %s on %s (%d images, %s loader, %d ranks, %d steps/epoch), method %s, %s, device %s",
+             cfg.run.name, cfg.model.name, cfg.data.name, loader.num_points, resolve_loader(cfg.data), world,
+             steps_per_epoch, cfg.method.name, engine, device)
 
     def checkpoint(stem: str, **meta) -> None:  # on every rank: the gathers are collectives
         rngs = dist.all_gather_objects(rng_state())
@@ -217,7 +220,11 @@ def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal
     """Evaluate ``model`` (saved at ``checkpoint``) on cfg's dataset and eval settings; rank 0 writes
     ``out``. AutoAttack keeps its resumable state next to ``out``."""
     e, a = cfg.eval, cfg.attack
-    test_set = load_split(cfg.data, e.split)
+    test_set, loader = None, None
+    if resolve_loader(cfg.data) == "ffcv" and e.split == "test" and "aa" not in e.attacks:
+        loader = ffcv_eval_loader(cfg.data, e.split, cfg.data.eval_batch_size, device, e.limit)
+    else:  # AutoAttack and the held-out val split read the in-memory split
+        test_set = load_split(cfg.data, e.split)
     eps = a.eps if e.eps is None else e.eps
     norm = a.norm if e.norm is None else e.norm
     fingerprint = read_sidecar(resolve(checkpoint))["sha256"]["model"]
@@ -226,7 +233,8 @@ def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal
                       seed=e.seed, norm=norm, restarts=e.restarts,
                       attack_opts=dict(compile=a.compile, precision=a.precision, channels_last=a.channels_last),
                       aa_state_dir=out.with_name(out.stem + ".aa-state"), fingerprint=fingerprint,
-                      progress=lambda it: _progress(it, None, "eval"), aa_block_size=e.aa_block_size)
+                      progress=lambda it: _progress(it, None, "eval"), aa_block_size=e.aa_block_size,
+                      loader=loader)
     results = {"dataset": cfg.data.name, "split": e.split, **counts, "checkpoint": checkpoint,
                "seconds": time.perf_counter() - t0, "config": to_dict(cfg)}
     if dist.is_main():

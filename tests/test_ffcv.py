@@ -1,0 +1,151 @@
+"""FFCV .beton files and loaders (data/ffcv.py): exact round trips, the memory loader's order and
+augmentation rank by rank, exact evaluation shards, corrupt and stale files, and a 2-rank training
+run that gives the memory loader's result."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from dist_robust.cli import main
+from dist_robust.data import EvalLoader, TrainLoader, load_dataset, load_split
+from dist_robust.data.ffcv import (FFCVDataError, FFCVEvalLoader, FFCVTrainLoader, beton_path, checked_manifest,
+                                   prepare)
+from dist_robust.data.memory import epoch_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ffcv")
+    for fmt in ("raw", "jpeg"):
+        for split in ("train", "test"):
+            prepare("digits", split, out, fmt, quality=100)
+    return out
+
+
+def _data(out, fmt="raw", **kw):
+    return SimpleNamespace(**{**dict(name="digits", root=None, image_size=None, holdout=0, subset=None,
+                                     crop_padding=0, flip=False, ffcv_dir=str(out), ffcv_format=fmt), **kw})
+
+
+def _eval_loader(out, fmt, batch, rank=0, world=1, limit=None, split="test"):
+    path = beton_path(out, "digits", split, fmt)
+    return FFCVEvalLoader(path, checked_manifest(path, "digits", split, None, None, fmt), 1, batch, rank, world,
+                          limit=limit)
+
+
+def test_raw_round_trip_is_bit_exact_and_jpeg_100_is_close(betons):
+    test = load_dataset("digits", "test")
+    exact = torch.cat([x for x, _ in EvalLoader(test, 1000)])
+    raw = list(_eval_loader(betons, "raw", 100))
+    assert torch.equal(torch.cat([x for x, _ in raw]), exact)
+    assert torch.equal(torch.cat([y for _, y in raw]), test.labels)
+    jpeg = torch.cat([x for x, _ in _eval_loader(betons, "jpeg", 100)])
+    err = (jpeg - exact).abs()
+    # digits (8x8 scans, upscaled) with hard edges are a hard case for JPEG: the mean error is 2/255, a few pixels move by 17/255
+    assert err.mean() < 0.01 and err.max() <= 20 / 255, (err.mean(), err.max())
+    manifest = json.loads(beton_path(betons, "digits", "test", "raw").with_suffix(".json").read_text())
+    assert manifest["n"] == len(test) and manifest["shape"] == [1, 28, 28]
+    assert manifest["counts"] == torch.bincount(test.labels).tolist()
+
+
+def test_prepare_is_idempotent_and_rebuilds_a_stale_file(betons, tmp_path):
+    assert prepare("digits", "train", betons, "raw", quality=100) == (beton_path(betons, "digits", "train", "raw"), False)
+    path, _ = prepare("digits", "train", tmp_path, "raw")
+    manifest_file = path.with_suffix(".json")
+    manifest = json.loads(manifest_file.read_text())
+    manifest["content_sha256"] = "0" * 64  # as if the source data had changed since
+    manifest_file.write_text(json.dumps(manifest))
+    assert prepare("digits", "train", tmp_path, "raw")[1] is True
+    assert json.loads(manifest_file.read_text())["content_sha256"] != "0" * 64
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_training_batches_are_the_memory_loaders_rank_by_rank(betons, rank):
+    """Same subset, holdout, order and crop + flip, bitwise (raw), for two epochs and a mid-epoch start."""
+    data = _data(betons, holdout=97, subset=800, crop_padding=2, flip=True)
+    memory = TrainLoader(load_split(data, "train"), 32, rank, 2, seed=5, crop_padding=2, flip=True, subset=800)
+    ffcv = FFCVTrainLoader(data, 32, rank, 2, seed=5)
+    assert len(ffcv) == len(memory) == 800 // 64
+    for epoch, start in ((0, 0), (1, 0), (1, 7)):
+        pairs = list(zip(memory.iter_from(epoch, start), ffcv.iter_from(epoch, start), strict=True))
+        assert len(pairs) == len(memory) - start
+        for (xm, ym), (xf, yf) in pairs:
+            assert torch.equal(xm, xf) and torch.equal(ym, yf)
+    kept = list(ffcv.iter_from(0))  # FFCV reuses its buffers: what a method keeps must not change
+    assert not any(torch.equal(kept[0][0], x) for x, _ in kept[1:])
+    assert torch.equal(kept[0][0], next(iter(memory.iter_from(0)))[0])
+
+
+def test_the_epoch_order_splits_disjointly_covers_and_reshuffles():
+    n, batch, world = 1000, 30, 2
+    epochs = []
+    for epoch in range(2):
+        shards = [epoch_batches(n, batch, r, world, seed=3, epoch=epoch).reshape(-1) for r in range(world)]
+        both = torch.cat(shards)
+        assert len(set(both.tolist())) == len(both) == (n // (batch * world)) * batch * world  # disjoint, full batches
+        epochs.append(shards)
+    assert not torch.equal(epochs[0][0], epochs[1][0])
+
+
+@pytest.mark.parametrize("world,limit,batch", [(2, 101, 50), (3, 101, 17), (2, 1, 8), (3, None, 1000)])
+def test_evaluation_shards_cover_every_point_once(betons, world, limit, batch):
+    test = load_dataset("digits", "test")
+    n = limit or len(test)
+    got = []
+    for rank in range(world):
+        loader = _eval_loader(betons, "raw", batch, rank, world, limit)
+        batches = list(loader)
+        assert len(batches) == len(loader) and all(len(y) <= batch for _, y in batches)
+        got += [x for x, _ in batches]
+    # every point once, in order: no padding, no duplicates, the partial batches (a batch of one) kept
+    assert torch.equal(torch.cat(got), test.images[:n].float() / 255)
+
+
+def test_a_corrupt_beton_is_refused_and_a_foreign_one_is_stale(tmp_path):
+    path, _ = prepare("digits", "test", tmp_path, "raw")
+    with pytest.raises(FFCVDataError, match="stale|made from"):
+        checked_manifest(path, "mnist", "test", None, None, "raw")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(FFCVDataError) as e:
+        checked_manifest(path, "digits", "test", None, None, "raw")
+    assert e.value.kind == "corrupt" and "sha256" in str(e.value)
+
+
+def test_the_prepare_command(tmp_path, capsys):
+    assert main(["prepare", "digits", "--split", "test", "--out", str(tmp_path)]) == 0
+    assert main(["prepare", "digits", "--split", "test", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("digits-test-raw.beton: up to date")
+    assert main(["prepare", "digits", "--split", "val", "--out", str(tmp_path)]) == 2
+    assert "--split=val" in capsys.readouterr().err
+
+
+def _train(tmp_path, name, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dist_robust",
+           "train", "configs/quickstart.yaml", "data.name=digits", "data.batch_size=64", "data.crop_padding=1",
+           "attack.eps=0.1", "attack.steps=2", "train.epochs=3", "eval.limit=null", "eval.attacks=[clean,pgd-5]",
+           f"data.ffcv_dir={tmp_path}/ffcv", f"run.out_dir={tmp_path}", f"run.name={name}", *extra]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return json.loads((tmp_path / name / "results.json").read_text()), r.stderr
+
+
+def test_two_rank_training_with_ffcv_gives_the_memory_loaders_result(tmp_path):
+    memory, _ = _train(tmp_path, "memory", "data.loader=memory")
+    raw, log = _train(tmp_path, "ffcv_raw", "data.loader=ffcv")
+    assert "ffcv loader" in log and (tmp_path / "ffcv" / "digits-test-raw.beton").is_file()  # eval read it too
+    assert (raw["clean"]["correct"], raw["attacks"]["pgd-5"]["correct"]) == (
+        memory["clean"]["correct"], memory["attacks"]["pgd-5"]["correct"])  # the same batches: the same model
+    jpeg, _ = _train(tmp_path, "ffcv_jpeg", "data.loader=ffcv", "data.ffcv_format=jpeg")
+    assert memory["clean"]["acc"] > 0.5
+    assert abs(jpeg["clean"]["acc"] - memory["clean"]["acc"]) < 0.05  # other pixels: the same band
