@@ -44,13 +44,14 @@ $(FASHION):
 
 # The main job: a robust Fashion-MNIST source, fine-tuned on Animal-MNIST two ways, against
 # adversarial training from scratch; 2 ranks under torchrun. Finished runs resume instantly
-# (rm -rf runs/demo for a fresh measurement).
+# (rm -rf runs/demo for a fresh measurement). DEMO_ARGS: overrides for every run, e.g.
+# make demo DEMO_ARGS=data.loader=ffcv (FFCV .beton files, prepared in data/ffcv on first use).
 demo: install
 	@start=$$(date +%s); \
-	$(TORCHRUN) configs/demo/source_at.yaml && \
-	$(TORCHRUN) configs/demo/finetune_standard.yaml && \
-	$(TORCHRUN) configs/demo/finetune_aft.yaml && \
-	$(TORCHRUN) configs/demo/scratch_at.yaml && \
+	$(TORCHRUN) configs/demo/source_at.yaml $(DEMO_ARGS) && \
+	$(TORCHRUN) configs/demo/finetune_standard.yaml $(DEMO_ARGS) && \
+	$(TORCHRUN) configs/demo/finetune_aft.yaml $(DEMO_ARGS) && \
+	$(TORCHRUN) configs/demo/scratch_at.yaml $(DEMO_ARGS) && \
 	$(PY) -m dist_robust report runs/demo/source_at runs/demo/finetune_standard runs/demo/finetune_aft runs/demo/scratch_at && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
 

@@ -8,7 +8,7 @@ them, ending in float batches on the CPU): memory (data/memory.py), FFCV raw and
 (data/torch_loader.py). Data, each at 1x, 4x and 16x its base size:
   mnist28    MNIST train images (28x28x1); 1x = 10,000
   cifar32    the 40 real CIFAR-10/100 test images that ship in PyPI foolbox (32x32x3), repeated; 1x = 10,000
-  imagenet224 the 20 real ImageNet images of foolbox (224x224x3), repeated; 1x = 256
+  imagenet224 the 20 real ImageNet images of foolbox, resized to 224x224x3, repeated; 1x = 256
 Median over repeats of an epoch after one warm-up epoch (which includes FFCV's compilation), with min
 and max. Writes bench/results/loaders.json with the command, the machine, threads and versions.
 """
@@ -36,9 +36,9 @@ from dist_robust.data.torch_loader import TorchTrainLoader  # noqa: E402
 BASE = {"mnist28": 10_000, "cifar32": 10_000, "imagenet224": 256}
 
 
-def foolbox_images(prefixes: tuple[str, ...]) -> np.ndarray:
-    """The real test images that ship in the foolbox wheel, as uint8 [N, 3, H, W] (read from the
-    installed package, else from the wheel in pip's download of it)."""
+def foolbox_images(prefixes: tuple[str, ...], side: int) -> np.ndarray:
+    """The real test images that ship in foolbox (requirements-nodeps.txt), resized to side x side, as
+    uint8 [N, 3, side, side]."""
     from PIL import Image
     import importlib.util
     spec = importlib.util.find_spec("foolbox")
@@ -46,7 +46,8 @@ def foolbox_images(prefixes: tuple[str, ...]) -> np.ndarray:
         raise SystemExit("bench/loaders.py needs foolbox's images: pip install --no-deps foolbox==3.3.4")
     folder = Path(spec.origin).parent / "data"
     files = sorted(f for f in folder.iterdir() if f.name.startswith(prefixes))
-    return np.stack([np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for f in files])
+    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((side, side), Image.BILINEAR)).transpose(2, 0, 1)
+                     for f in files])
 
 
 def dataset(kind: str, scale: int) -> Dataset:
@@ -57,7 +58,8 @@ def dataset(kind: str, scale: int) -> Dataset:
         images, labels = src.images.repeat(reps, 1, 1, 1)[:n], src.labels.repeat(reps)[:n]
         info = src.info
     else:
-        real = foolbox_images(("cifar10_", "cifar100_") if kind == "cifar32" else ("imagenet_",))
+        real = (foolbox_images(("cifar10_", "cifar100_"), 32) if kind == "cifar32" else
+                foolbox_images(("imagenet_",), 224))
         idx = np.arange(n) % len(real)
         images, labels = torch.from_numpy(real[idx]), torch.from_numpy(idx % 10).long()
         side = real.shape[-1]

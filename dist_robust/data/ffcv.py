@@ -130,7 +130,8 @@ def write_beton(ds: Dataset, beton: Path, fmt: str, quality: int, source: dict, 
     try:
         DatasetWriter(str(tmp), {"image": image_field, "label": IntField()}, num_workers=workers).from_indexed_dataset(
             _Indexed(ds, fmt))
-        manifest = {"version": MANIFEST_VERSION, "source": source, "n": len(ds), "shape": list(ds.images.shape[1:]),
+        manifest = {"version": MANIFEST_VERSION, "source": source, "format": fmt, "n": len(ds),
+                    "shape": list(ds.images.shape[1:]),
                     "counts": np.bincount(ds.labels.numpy(), minlength=ds.info.num_classes).tolist(),
                     "content_sha256": content or content_sha256(ds), "beton_sha256": _sha256_file(tmp),
                     "labels": ds.labels.tolist()}
@@ -173,7 +174,7 @@ def _loader(beton: Path, manifest: dict, batch_size: int, device: torch.device, 
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-    raw = manifest["source"]["format"] == "raw"
+    raw = manifest["format"] == "raw"
     to_device = ToDevice(device, non_blocking=True)
     image = ([NDArrayDecoder(), ToTensor(), to_device] if raw else
              [SimpleRGBImageDecoder(), ToTensor(), to_device, ToTorchImage(channels_last=True)])
