@@ -240,6 +240,8 @@ class FFCVTrainLoader:
 
     def iter_from(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_batches(self.num_points, self.batch_size, self.rank, self.world_size, self.seed, epoch)
+        if start_batch >= len(order):  # FFCV cannot iterate an empty index list
+            return
         _set_order(self._ffcv, self.positions[order[start_batch:].reshape(-1).numpy()])
         for i, (x, y) in enumerate(_batches(self._ffcv, self.info.channels), start_batch):
             x = augment(x, self.crop_padding, self.flip, self.seed, epoch, self.rank, i)
