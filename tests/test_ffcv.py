@@ -149,3 +149,19 @@ def test_two_rank_training_with_ffcv_gives_the_memory_loaders_result(tmp_path):
     jpeg, _ = _train(tmp_path, "ffcv_jpeg", "data.loader=ffcv", "data.ffcv_format=jpeg")
     assert memory["clean"]["acc"] > 0.5
     assert abs(jpeg["clean"]["acc"] - memory["clean"]["acc"]) < 0.05  # other pixels: the same band
+
+
+def test_auto_reads_ffcv_for_large_images_or_large_data_only(tmp_path):
+    from dist_robust.data import select
+    data = _data(tmp_path, loader="auto")
+    assert select.resolve_loader(data) == "memory"  # nothing prepared
+    path, _ = prepare("digits", "train", tmp_path, "raw")
+    assert select.resolve_loader(data) == "memory"  # 28 px and 1 MB: memory is faster (bench/loaders.py)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    manifest["shape"] = [3, 224, 224]
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+    assert select.resolve_loader(data) == "ffcv"
+    manifest["shape"], manifest["n"] = [3, 32, 32], 2_000_000  # CIFAR-sized images, 6 GB decoded
+    path.with_suffix(".json").write_text(json.dumps(manifest))
+    assert select.resolve_loader(data) == "ffcv"
+    assert select.resolve_loader(_data(tmp_path, loader="memory")) == "memory"

@@ -6,13 +6,15 @@
 
 All three give the same batches (same order, same augmentation; bitwise for memory, torch and
 FFCV raw), so a result does not depend on the loader. ``auto`` picks ffcv where a prepared .beton
-of the run's training split exists and its images are at least ``FFCV_MIN_SIZE`` pixels wide, memory
+of the run's training split exists and either its images are at least ``FFCV_MIN_SIZE`` pixels wide
+or its decoded split would take more than ``FFCV_MIN_BYTES`` of memory on every rank; memory
 otherwise (the reasons are bench/loaders.py's figures, in the README).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 
 import torch
 
@@ -21,13 +23,15 @@ from .ffcv import FFCVDataError, beton_path, checked_manifest, prepare, read_man
 
 log = logging.getLogger("dist_robust")
 FFCV_MIN_SIZE = 64
+FFCV_MIN_BYTES = 4 << 30  # the memory loader holds the whole decoded split on each rank
 
 
 def resolve_loader(data) -> str:
     if data.loader != "auto":
         return data.loader
     manifest = read_manifest(beton_path(data.ffcv_dir, data.name, "train", data.ffcv_format))
-    if manifest and importlib.util.find_spec("ffcv") and manifest["shape"][-1] >= FFCV_MIN_SIZE:
+    if manifest and importlib.util.find_spec("ffcv") and (
+            manifest["shape"][-1] >= FFCV_MIN_SIZE or manifest["n"] * math.prod(manifest["shape"]) > FFCV_MIN_BYTES):
         return "ffcv"
     return "memory"
 
