@@ -203,7 +203,7 @@ def test_sbatch_two_ranks(slurm, tmp_path):
     out = log.read_text()
     assert state == "COMPLETED", out[-3000:]
     assert f"job {job} restart 0 on " in out and "1 node(s) x 2 rank(s)" in out  # one rank per CPU
-    assert "sb: cnn3 on digits (1437 images, 2 ranks" in out
+    assert "sb: cnn3 on digits (1437 images, memory loader, 2 ranks" in out
     assert "srun exited with status 0" in out
     _check_results(tmp_path / "sb")
     print(f"sbatch, 1 node x 2 ranks: {time.monotonic() - t0:.1f} s")
