@@ -49,8 +49,11 @@ def ensure_beton(data, split: str) -> None:
                 error = str(e)
             else:
                 log.info("preparing %s (%s)", path, e.kind)
-                prepare(data.name, split, data.ffcv_dir, data.ffcv_format, root=data.root,
-                        image_size=data.image_size, workers=max(1, torch.get_num_threads()))
+                try:  # a failure (a full disk, say) must reach the other ranks, not leave them waiting
+                    prepare(data.name, split, data.ffcv_dir, data.ffcv_format, root=data.root,
+                            image_size=data.image_size, workers=max(1, torch.get_num_threads()))
+                except (OSError, ValueError) as e:
+                    error = f"preparing {path} failed: {e}"
     error = dist.broadcast_object(error)
     if error:
         raise FFCVDataError(error)
