@@ -107,11 +107,12 @@ def prepare(name: str, split: str, out_dir: str | Path, fmt: str = "raw", qualit
     beton = beton_path(out_dir, name, split, fmt)
     key = _source_key(name, split, root, image_size, fmt, quality)
     content = content_sha256(ds)
-    old = read_manifest(beton)
-    if (old and old.get("version") == MANIFEST_VERSION and old.get("source") == key
-            and old.get("content_sha256") == content and beton.is_file()
-            and _sha256_file(beton) == old.get("beton_sha256")):
-        return beton, False
+    try:
+        old = verified_manifest(beton)
+        if old["source"] == key and old["content_sha256"] == content:
+            return beton, False
+    except FFCVDataError:  # missing, from another version, or corrupt: written anew
+        pass
     write_beton(ds, beton, fmt, quality, key, workers, content)
     return beton, True
 
