@@ -154,12 +154,19 @@ def load_checkpoint(path: str | Path, optimizer: Optional[torch.optim.Optimizer]
     state = _tensors(sidecar.parent / meta["model_file"],
                      _read_verified(sidecar.parent, meta["model_file"], meta["sha256"]["model"]))
     if optimizer is not None:
-        if "train_file" not in meta:
-            raise CheckpointError(f"{sidecar} holds no optimizer state (an exported model?)")
-        tensors = _tensors(sidecar.parent / meta["train_file"],
-                           _read_verified(sidecar.parent, meta["train_file"], meta["sha256"]["train"]))
-        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+        load_optimizer(sidecar, optimizer)
     return state, meta
+
+
+def load_optimizer(sidecar: Path, optimizer) -> None:
+    """Restore ``optimizer`` (anything with torch's load_state_dict) from a training checkpoint's
+    verified train file, without reading its model file."""
+    meta = read_sidecar(sidecar)
+    if "train_file" not in meta:
+        raise CheckpointError(f"{sidecar} holds no optimizer state (an exported model?)")
+    tensors = _tensors(sidecar.parent / meta["train_file"],
+                       _read_verified(sidecar.parent, meta["train_file"], meta["sha256"]["train"]))
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
 
 
 def model_header(sidecar: Path) -> dict[str, list[int]]:

@@ -26,9 +26,9 @@ from ..models.partial import configure_finetuning
 from ..models.sync_bn import convert_sync_bn
 from ..report import JsonlLog
 from ..schedules import lr_at
-from .checkpoint import (CheckpointError, atomic_write, last_good, load_checkpoint, load_rank_buffers,
-                         read_sidecar, remove_step_checkpoints, resolve, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (CheckpointError, atomic_write, last_good, load_checkpoint, load_optimizer,
+                         load_rank_buffers, read_sidecar, remove_step_checkpoints, resolve, rng_state,
+                         save_checkpoint, set_rng_state)
 from .evaluate import evaluate, write_results
 
 log = logging.getLogger("dist_robust")
@@ -147,7 +147,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         trainer = DDPTrainer(model, opt, device)
     train_model, opt = trainer.model, trainer.optimizer
     if sidecar:  # the engine holds the optimizer's state now (ZeRO: partitioned over the ranks)
-        load_checkpoint(sidecar, optimizer=opt)
+        load_optimizer(sidecar, opt)
     with torch.no_grad():  # after the wrapper's construction, which copies rank 0's buffers to every rank
         for name, buf in model.named_buffers():
             if name in own_buffers:
