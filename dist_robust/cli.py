@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="val: the training images the run held out (data.holdout)")
     e.add_argument("--limit", "--n-ex", type=int, default=None, help="evaluate the first N points")
-    e.add_argument("--attacks", default="clean,pgd-20", help="comma-separated: clean, pgd-K, cw-K, aa")
+    e.add_argument("--attacks", default="clean,pgd-20", help="comma-separated: clean, pgd-K, cw-K, aa (standard AutoAttack), aa-plus, aa-rand")
     e.add_argument("--eps", type=float, default=None, help="radius (default: the checkpoint's attack.eps)")
     e.add_argument("--norm", default=None, choices=["Linf", "L2"], help="default: the checkpoint's attack.norm")
     e.add_argument("--restarts", type=int, default=1, help="pgd-K / cw-K: worst case over this many starts")

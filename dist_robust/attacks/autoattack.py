@@ -1,10 +1,13 @@
-"""Standard AutoAttack (Croce & Hein 2020), sharded exactly over ranks and resumable.
+"""AutoAttack (Croce & Hein 2020) on fra31's own code, sharded exactly over ranks and resumable.
 
-The four attacks are torchattacks' implementations at the paper's standard budgets: APGD-CE (100
-iterations), APGD-T (100 iterations for each of the 9 most likely wrong classes, n_classes - 1 when
-fewer), FAB-T (100 iterations, the same 9 targets) and Square (5,000 queries), one restart each.
-(torchattacks' own ``AutoAttack`` leaves APGD and FAB at their default 10 iterations; we do not.)
-The cascade, the sharding and the bookkeeping are ours:
+The attacks are the classes of ``pyautoattack`` (fra31/auto-attack, the code RobustBench runs), taken
+from an ``AutoAttack(version=...)`` object so that every setting is the reference's own: for
+``standard``, APGD-CE (100 iterations, 1 restart, rho 0.75), APGD-T (9 target classes, 100 iterations),
+FAB-T (9 targets, 100 iterations) and Square (p_init 0.8, 5,000 queries, resc_schedule False); for L2
+the reference's L2 standard; ``plus`` and ``rand`` are its other two versions. Each attack is called as
+the reference's ``run_standard_evaluation`` calls it (the same attributes set before ``perturb``). One
+deviation, where the reference would fail: a model with fewer than 10 classes gets n_classes - 1
+targets instead of 9. The cascade, the sharding and the bookkeeping around them are ours:
 
 * A point starts robust iff it is classified correctly; each attack runs only on the points still
   robust, and a point stays robust only if the attack's output is classified correctly. We check
@@ -13,12 +16,11 @@ The cascade, the sharding and the bookkeeping are ours:
 * Sharding: the first n points are cut into blocks of ``block_size`` consecutive global indices
   (independent of the world size) and every rank takes a contiguous run of whole blocks (sizes
   differ by at most one block; a rank may get none and still joins every collective). No padding.
-* Randomness: the library attacks draw their random starts per call (per batch), not per point, so
-  we seed torch and the attack's ``seed`` from (seed, attack, first global index of the block, chunk
-  number in the block) before every call. Reproducibility is therefore per block of fixed global
-  indices, not literally per sample: the counts do not depend on the world size, but they do depend
-  on ``block_size`` and on ``batch_size`` (the chunk size inside a block). The caller's RNG state is
-  restored afterwards.
+* Randomness: every attack call is seeded with ``seed``, as the reference seeds every batch with its
+  ``seed``, and a call attacks the still-robust points of one block in chunks of ``batch_size``. So
+  the flags do not depend on the world size (a block is attacked the same way on any rank), and with
+  one block holding all n points they are the reference's own, point by point, at the same seed and
+  batch size. The caller's RNG state is restored afterwards.
 * Resume: after each attack every rank saves, atomically, one safetensors file holding its shard's
   robust flags after each finished attack, with a JSON header (arguments, finished attacks, their
   summed counts and times). A restart with the same arguments rolls every rank back to the attacks
@@ -27,14 +29,13 @@ The cascade, the sharding and the bookkeeping are ours:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-import torchattacks
+from pyautoattack import AutoAttack
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
@@ -43,29 +44,72 @@ from ..data import shard_indices
 from ..engine.checkpoint import atomic_write
 from .pgd import NORMS, attack_mode
 
-AA_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-STEPS, QUERIES, MAX_TARGETS = 100, 5000, 9  # the paper's standard budgets
-STATE_FORMAT = "dist_robust.aa-state/1"
+VERSIONS = ("standard", "plus", "rand")
+STATE_FORMAT = "dist_robust.aa-state/2"
 TOL = {"Linf": 1e-6, "L2": 1e-5}  # float slack of the eps-ball check
 
 
-def build_attack(name: str, net, eps: float, norm: str, n_classes: int):
-    """One torchattacks attack as standard AutoAttack configures it. torchattacks targets the
-    n_target_classes = n_classes - 1 most likely wrong classes: passing min(n_classes, 10) caps
-    them at 9, as the reference implementation does."""
-    n_cls = min(n_classes, MAX_TARGETS + 1)
-    if name == "apgd-ce":
-        return torchattacks.APGD(net, norm=norm, eps=eps, steps=STEPS, n_restarts=1, loss="ce")
-    if name == "apgd-t":
-        if n_classes < 4:  # its targeted DLR loss reads the 4th largest logit
-            raise ValueError(f"apgd-t needs at least 4 classes, the model has {n_classes}")
-        return torchattacks.APGDT(net, norm=norm, eps=eps, steps=STEPS, n_restarts=1, n_classes=n_cls)
-    if name == "fab-t":
-        return torchattacks.FAB(net, norm=norm, eps=eps, steps=STEPS, n_restarts=1, multi_targeted=True,
-                                n_classes=n_cls)
-    if name == "square":
-        return torchattacks.Square(net, norm=norm, eps=eps, n_queries=QUERIES, n_restarts=1)
-    raise ValueError(f"unknown AutoAttack attack {name!r} (known: {', '.join(AA_STANDARD)})")
+def reference(net, eps: float, norm: str, version: str = "standard", seed: int = 0, device="cpu",
+              n_classes: int = 10) -> AutoAttack:
+    """fra31's AutoAttack object for ``version``: its sub-attacks hold the reference's settings."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown AutoAttack version {version!r} (known: {', '.join(VERSIONS)})")
+    adversary = AutoAttack(net, norm=norm, eps=eps, version=version, seed=seed, device=device)
+    if n_classes < 4 and any(a in ("apgd-t", "fab-t") for a in adversary.attacks_to_run):
+        raise ValueError(f"the targeted attacks need at least 4 classes, the model has {n_classes}")
+    targets = min(adversary.apgd_targeted.n_target_classes, n_classes - 1)  # < 9 only below 10 classes
+    adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = targets
+    return adversary
+
+
+def attacks_of(version: str) -> tuple[str, ...]:
+    """The reference's attack list for a version, in its order."""
+    return tuple(reference(None, 0.1, "Linf", version).attacks_to_run)
+
+
+def settings(version: str, norm: str, n_classes: int = 10) -> dict:
+    """Each attack's budget as the reference configures it (recorded in results files)."""
+    r = reference(None, 0.1, norm, version, n_classes=n_classes)
+    apgd = {"n_iter": r.apgd.n_iter, "n_restarts": r.apgd.n_restarts, "eot_iter": r.apgd.eot_iter, "rho": r.apgd.thr_decr}
+    out = {"apgd-ce": apgd, "apgd-dlr": apgd,
+           "apgd-t": {"n_iter": r.apgd_targeted.n_iter, "n_restarts": r.apgd_targeted.n_restarts,
+                      "n_target_classes": r.apgd_targeted.n_target_classes, "rho": r.apgd_targeted.thr_decr},
+           "fab": {"n_iter": r.fab.n_iter, "n_restarts": r.fab.n_restarts},
+           "fab-t": {"n_iter": r.fab.n_iter, "n_restarts": 1, "n_target_classes": r.fab.n_target_classes},
+           "square": {"n_queries": r.square.n_queries, "p_init": r.square.p_init,
+                      "resc_schedule": r.square.rescale_schedule}}
+    return {a: out[a] for a in r.attacks_to_run}
+
+
+class Fra31Attack:
+    """One attack of the reference cascade, called exactly as its ``run_standard_evaluation`` calls
+    it. ``seed`` is set by the cascade before each call (the library reseeds torch with it)."""
+
+    def __init__(self, adversary: AutoAttack, name: str):
+        if name not in adversary.attacks_to_run:
+            raise ValueError(f"{name!r} is not an attack of AutoAttack {adversary.version!r} "
+                             f"(its attacks: {', '.join(adversary.attacks_to_run)})")
+        self.adversary, self.name, self.seed = adversary, name, 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, name = self.adversary, self.name
+        if name in ("apgd-ce", "apgd-dlr"):
+            atk = a.apgd
+            atk.loss = name.removeprefix("apgd-")
+        elif name in ("fab", "fab-t"):
+            atk = a.fab
+            atk.targeted = name == "fab-t"
+            if atk.targeted:
+                atk.n_restarts = 1
+        else:
+            atk = {"apgd-t": a.apgd_targeted, "square": a.square}[name]
+        atk.seed = self.seed
+        return atk.perturb(x, y)
+
+
+def build_attack(name: str, net, eps: float, norm: str, n_classes: int, version: str = "standard", device="cpu"):
+    """The callable for one attack of ``version`` (tests replace this function)."""
+    return Fra31Attack(reference(net, eps, norm, version, device=device, n_classes=n_classes), name)
 
 
 def within_bounds(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -78,10 +122,6 @@ def within_bounds(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
 def _gathered_max(value: float) -> float:
@@ -115,11 +155,17 @@ def _load_state(path: Path, args: dict, size: int, log) -> tuple[int, dict, dict
 
 def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int = 500, device="cpu",
                limit: int | None = None, seed: int = 0, block_size: int = 500, state_dir=None,
-               fingerprint: str = "", attacks=AA_STANDARD, stop_after: str | None = None, log=None) -> dict:
-    """Robust accuracy of the unwrapped ``model`` under the AutoAttack cascade on the first ``limit``
-    points of ``dataset``, summed over ranks (see the module docstring)."""
+               fingerprint: str = "", version: str = "standard", attacks=None, stop_after: str | None = None,
+               log=None) -> dict:
+    """Robust accuracy of the unwrapped ``model`` under the AutoAttack cascade of ``version`` (or the
+    prefix-ordered subset ``attacks`` of it) on the first ``limit`` points of ``dataset``, summed over
+    ranks (see the module docstring)."""
     log = log or logging.getLogger("dist_robust")
-    attacks, eps, seed = tuple(attacks), float(eps), int(seed)  # plain types: they go into the JSON header
+    full = attacks_of(version)
+    attacks = full if attacks is None else tuple(attacks)
+    if not set(attacks) <= set(full):
+        raise ValueError(f"autoattack {version!r} runs {', '.join(full)}; got {', '.join(attacks)}")
+    eps, seed = float(eps), int(seed)  # plain types: they go into the JSON header
     if norm not in NORMS or not eps >= 0 or batch_size < 1 or block_size < 1:
         raise ValueError(f"autoattack needs norm in {NORMS}, eps >= 0, batch_size >= 1 and block_size >= 1 "
                          f"(got {norm!r}, {eps}, {batch_size}, {block_size})")
@@ -134,7 +180,7 @@ def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int =
     lo, hi = min(blocks.start * block_size, n), min(blocks.stop * block_size, n)
     images = dataset.images[lo:hi].to(device)  # uint8 (4x smaller); chunks go to float as they are used
     y_all = dataset.labels[lo:hi].to(device)
-    version = "standard" if attacks == AA_STANDARD else "+".join(attacks)
+    version = version if attacks == full else f"{version}:{'+'.join(attacks)}"
     args = {"eps": eps, "norm": norm, "n": n, "block_size": block_size, "batch_size": batch_size, "seed": seed,
             "version": version, "world_size": world, "rank": rank, "fingerprint": fingerprint}
     path = Path(state_dir) / f"rank{rank}.safetensors" if state_dir is not None else None
@@ -145,6 +191,7 @@ def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int =
     with torch.random.fork_rng(devices=devices), attack_mode(model) as net, torch.no_grad():
         # the clean pass: cheap and deterministic, so it is recomputed rather than stored
         n_classes = net(_pixels(dataset.images[:1].to(device))).shape[1]  # every rank, even an idle one
+        result["settings"] = {a: v for a, v in settings(version.split(":")[0], norm, n_classes).items() if a in attacks}
         robust = torch.cat([net(_pixels(images[i:i + batch_size])).argmax(1) == y_all[i:i + batch_size]
                             for i in range(0, hi - lo, batch_size)] or [torch.zeros(0, dtype=torch.bool)])
         robust = robust.to(device)
@@ -164,16 +211,15 @@ def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int =
 
         for name in attacks[k:]:
             t0 = time.perf_counter()
-            atk = build_attack(name, net, eps, norm, n_classes)
+            atk = build_attack(name, net, eps, norm, n_classes, version.split(":")[0], device)
             attacked = int(robust.sum())
             rejected = 0
             for b in range(blocks.start, blocks.stop):
                 start = b * block_size - lo
                 idx = robust[start:start + block_size].nonzero().squeeze(1) + start
                 for c, chunk in enumerate(idx.split(batch_size)):
-                    s = _seed(seed, name, b * block_size, c)
-                    torch.manual_seed(s)  # for draws made before the library reseeds
-                    atk.seed = s  # the library reseeds torch with it inside perturb
+                    torch.manual_seed(seed)  # for draws made before the library reseeds
+                    atk.seed = seed  # the library reseeds torch with it inside perturb, as the reference does
                     x, y = _pixels(images[chunk]), y_all[chunk]
                     with torch.enable_grad():
                         x_adv = atk(x, y).detach()

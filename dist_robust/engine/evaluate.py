@@ -5,8 +5,9 @@ per-attack counts are summed with one all_reduce, and ``n`` is the exact number 
 the world size. PGD and CW random starts are drawn per point from (seed, restart, global index), so
 the counts do not depend on how the points are split over ranks. A point counts as robust only if it
 is classified correctly clean and under every restart of the attack (the per-sample worst case, as
-AutoAttack reports it), so robust accuracy never exceeds clean accuracy. AutoAttack runs its own
-cascade (attacks/autoattack.py), sharded in fixed blocks and resumable.
+AutoAttack reports it), so robust accuracy never exceeds clean accuracy. AutoAttack (``aa``, ``aa-plus``,
+``aa-rand``: fra31's standard, plus and rand versions) runs its own cascade (attacks/autoattack.py),
+sharded in fixed blocks and resumable.
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ from ..data import EvalLoader
 from .checkpoint import atomic_write
 
 _ITERATIVE = re.compile(r"(pgd|cw)-(\d+)$")
-# standard AutoAttack's budgets: iterations of APGD-CE, APGD-T (per target), FAB-T; queries of Square
-AA_STEPS = {"apgd-ce": 100, "apgd-t": 100, "fab-t": 100, "square": 5000}
-KNOWN = "clean, pgd-K (CE PGD, K steps), cw-K (CW-margin PGD), aa (standard AutoAttack)"
+AA_VERSIONS = {"aa": "standard", "aa-plus": "plus", "aa-rand": "rand"}  # fra31's AutoAttack versions
+KNOWN = ("clean, pgd-K (CE PGD, K steps), cw-K (CW-margin PGD), aa (standard AutoAttack), aa-plus, aa-rand "
+         "(AutoAttack's plus and rand versions)")
 
 
 def parse_attack(name: str) -> dict:
     """An evaluation attack's name -> its kind and settings."""
-    if name in ("clean", "aa"):
+    if name == "clean":
         return {"kind": name}
+    if name in AA_VERSIONS:
+        return {"kind": "aa", "version": AA_VERSIONS[name]}
     m = _ITERATIVE.match(name)
     if m and int(m.group(2)) > 0:
         return {"kind": "pgd", "loss": "ce" if m.group(1) == "pgd" else "cw", "steps": int(m.group(2))}
@@ -105,20 +108,27 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
                                        "step_size": eps / 4, "random_start": True, "restarts": restarts,
                                        "seed": seed, "time_s": seconds[1 + j].item()}
         else:
+            state_dir = aa_state_dir if aa_state_dir is None or name == "aa" else Path(aa_state_dir) / name
             result["attacks"][name] = _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed,
-                                                  aa_state_dir, fingerprint, aa_block_size)
+                                                  state_dir, fingerprint, aa_block_size, spec["version"])
     return result
 
 
 def _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed, state_dir, fingerprint,
-                block_size) -> dict:
+                block_size, version) -> dict:
     from ..attacks.autoattack import autoattack
     t0 = time.perf_counter()
     res = autoattack(model, dataset, eps, norm=norm, batch_size=batch_size, device=device, limit=limit,
-                     seed=seed, state_dir=state_dir, fingerprint=fingerprint, block_size=block_size)
-    return {"correct": res["correct"], "acc": res["acc"], "eps": eps, "norm": norm, "steps": AA_STEPS,
-            "version": res["version"], "block_size": res["block_size"], "seed": seed,
+                     seed=seed, state_dir=state_dir, fingerprint=fingerprint, block_size=block_size, version=version)
+    return {"correct": res["correct"], "acc": res["acc"], "eps": eps, "norm": norm, "steps": res["settings"],
+            "backend": "pyautoattack " + _pyautoattack_version(), "version": res["version"],
+            "block_size": res["block_size"], "seed": seed,
             "per_attack": res["per_attack"], "time_s": time.perf_counter() - t0}
+
+
+def _pyautoattack_version() -> str:
+    from importlib.metadata import version
+    return version("pyautoattack")
 
 
 def write_results(path: Path, results: dict) -> None:

@@ -221,7 +221,7 @@ def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal
     ``out``. AutoAttack keeps its resumable state next to ``out``."""
     e, a = cfg.eval, cfg.attack
     test_set, loader = None, None
-    if resolve_loader(cfg.data) == "ffcv" and e.split == "test" and "aa" not in e.attacks:
+    if resolve_loader(cfg.data) == "ffcv" and e.split == "test" and not any(n.startswith("aa") for n in e.attacks):
         loader = ffcv_eval_loader(cfg.data, e.split, cfg.data.eval_batch_size, device, e.limit)
     else:  # AutoAttack and the held-out val split read the in-memory split
         test_set = load_split(cfg.data, e.split)
