@@ -61,6 +61,7 @@ test: install
 bench: install
 	$(PY) bench/train_step.py
 	$(PY) bench/attacks.py
+	$(PY) bench/autoattack.py
 
 # The fine-tuning comparison (configs/finetune/): 2 pairs x 8 methods x 2 seeds on 2 ranks, with
 # AutoAttack on 100 points per run; resumable. Writes results/finetune.{md,json}.

@@ -1,13 +1,12 @@
 """Attack engine figures, each against a reference timed in the same process.
 
-    .venv/bin/python bench/attacks.py [--batches 64,256] [--widths 32,64] [--repeats 10] [--aa-points 200]
+    .venv/bin/python bench/attacks.py [--batches 64,256] [--widths 32,64] [--repeats 10]
 
 For each model size (cnn3 at two widths) and batch size, on real MNIST with a model trained here:
   PGD step / clean training step      (target <= 0.75; bound ~0.67)
   our PGD-10 / torchattacks PGD-10    (eager and fused; target <= 0.7 at equal accuracy)
   fused / eager PGD step              (compile pays where < 1)
-and, on a fixed subset, our sharded AutoAttack / torchattacks AutoAttack (time and robust accuracy),
-against torchattacks both as shipped and at the standard version's 100 iterations.
+(AutoAttack against fra31's reference: bench/autoattack.py.)
 Medians over repeats after warm-up (compilation excluded and reported apart), with min and max.
 Writes bench/results/attacks.json with the command, machine, threads and torch version.
 """
@@ -29,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import timed  # noqa: E402
 from dist_robust.attacks import pgd  # noqa: E402
-from dist_robust.attacks.autoattack import autoattack  # noqa: E402
 from dist_robust.data import load_dataset  # noqa: E402
 from dist_robust.models import build_model  # noqa: E402
 
@@ -91,32 +89,11 @@ def bench_pgd(model, x, y, repeats: int) -> dict:
     return r
 
 
-def bench_autoattack(model, test, n: int) -> dict:
-    """Ours against torchattacks' AutoAttack twice: as shipped (its APGD, APGD-T and FAB default to
-    10 iterations) and with the standard version's 100 iterations, the setting ours runs."""
-    x, y = test.images[:n].float() / 255, test.labels[:n]
-    t0 = time.perf_counter()
-    ours = autoattack(model, test, EPS, limit=n, batch_size=n)
-    r = {"n": n, "ours_s": time.perf_counter() - t0, "ours_acc": ours["acc"], "clean_acc": ours["clean"]["acc"],
-         "per_attack": ours["per_attack"]}
-    for label, steps in (("torchattacks_shipped", None), ("torchattacks_100it", 100)):
-        ref = torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
-        for atk in ref._autoattack.attacks if steps else ():
-            if hasattr(atk, "steps"):
-                atk.steps = steps
-        t0 = time.perf_counter()
-        adv = ref(x, y)
-        r[f"{label}_s"], r[f"{label}_acc"] = time.perf_counter() - t0, accuracy(model, adv, y)
-        r[f"time_ratio_vs_{label}"] = r["ours_s"] / r[f"{label}_s"]
-    return r
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="64,256")
     p.add_argument("--widths", default="32,64")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--aa-points", type=int, default=200)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +105,6 @@ def main() -> None:
             x, y = test.images[:batch].float() / 255, test.labels[:batch]
             rows.append({"model": f"cnn3-w{width}", "params": sum(p.numel() for p in model.parameters()),
                          "batch": batch, **bench_pgd(model, x, y, args.repeats)})
-    aa = bench_autoattack(trained_cnn3(32, train), test, args.aa_points) if args.aa_points else None
 
     print("| model | params | batch | clean step ms | PGD step / clean | fused step / clean | fused / eager "
           "| PGD-10 eager / ta | PGD-10 fused / ta | acc ours / ta (%) | compile s |")
@@ -139,21 +115,12 @@ def main() -> None:
               f"{q['pgd_step/clean_step']:.2f} | {q['fused_pgd_step/clean_step']:.2f} | {q['fused/eager_step']:.2f} | "
               f"{q['pgd10_eager/torchattacks']:.2f} | {q['pgd10_fused/torchattacks']:.2f} | "
               f"{100 * r['acc_pgd10_ours']:.1f} / {100 * r['acc_pgd10_torchattacks']:.1f} | {r['compile_s']:.0f} |")
-    if aa:
-        print(f"\nAutoAttack (standard, Linf eps {EPS}, cnn3-w32, {aa['n']} MNIST test points, clean "
-              f"{100 * aa['clean_acc']:.1f}%, 1 rank):")
-        print("| run | seconds | robust % | ours / it (time) |\n|---|---|---|---|")
-        print(f"| ours (100 iterations, cascade on robust points) | {aa['ours_s']:.1f} | {100 * aa['ours_acc']:.1f} | 1.00 |")
-        for label, text in (("torchattacks_100it", "torchattacks AutoAttack, 100 iterations"),
-                            ("torchattacks_shipped", "torchattacks AutoAttack as shipped (10 iterations)")):
-            print(f"| {text} | {aa[label + '_s']:.1f} | {100 * aa[label + '_acc']:.1f} | "
-                  f"{aa['time_ratio_vs_' + label]:.2f} |")
     out = Path(__file__).parent / "results" / "attacks.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "machine": platform.node(),
                                "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                                "threads": args.threads, "torch": torch.__version__, "eps": EPS, "alpha": ALPHA,
-                               "rows": rows, "autoattack": aa}, indent=1))
+                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

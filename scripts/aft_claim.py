@@ -59,9 +59,10 @@ def one_run(dataset: str, recipe: str, epochs: int, seed: int, nproc: int, aa_li
     aa_file = out / f"aa{aa_limit}.json"
     if aa_limit and recipe != "source_clean":  # the natural source has ~0 PGD-20: AutoAttack adds nothing
         if not aa_file.is_file():
-            # blocks of 50: both ranks attack (one block of the default 500 would leave rank 1 idle)
+            # one block per rank: every rank attacks, and each attack runs once per rank on one chunk (Square's
+            # 5,000 sequential queries cost per chunk, so small blocks multiply its time)
             torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", dataset, "--attacks", "clean,aa",
-                     "--limit", str(aa_limit), "--aa-block-size", "50", "--out", str(aa_file))
+                     "--limit", str(aa_limit), "--aa-block-size", str(-(-aa_limit // nproc)), "--out", str(aa_file))
         aa = json.loads(aa_file.read_text())
         row.update(aa=aa["attacks"]["aa"]["acc"], aa_n=aa["n"], aa_s=aa["seconds"])
     return row
