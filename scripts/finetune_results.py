@@ -1,13 +1,18 @@
 """The fine-tuning comparison: every method of configs/finetune/<pair>/ from one robust source per pair.
 
     .venv/bin/python scripts/finetune_results.py [--pairs fashion_to_animal,mnist_to_fashion]
-        [--methods standard,at,...] [--seeds 0,1] [--nproc 2] [--aa-limit 100]
+        [--methods standard,at,...] [--seeds 0,1] [--nproc 2] [--aa-limit 100] [--remeasure-aa]
 
 For each pair: the robust and the clean source (seed 0), then each method for each seed under torchrun
 (clean + PGD-20 on the full test split, written by training), then standard AutoAttack on the first
 ``--aa-limit`` test points. Finished runs and evaluations are skipped, so the command resumes.
 Writes results/finetune.json after every run (commit it: a later session, even on a fresh machine,
 runs only what it lacks) and results/finetune.md, a markdown table (mean +- sample std over seeds).
+
+``--remeasure-aa``: rows whose AutoAttack came from the earlier backend (torchattacks' ports) get it
+again from fra31's code; the old figure is kept as ``aa_torchattacks``. A run whose folder is gone is
+retrained first (clean evaluation only: training is deterministic, and the clean accuracy on the full
+test split must equal the recorded one, which ``same_model`` records).
 """
 from __future__ import annotations
 
@@ -70,8 +75,33 @@ def one_run(recipe: Path, seed: int, nproc: int, aa_limit: int) -> dict:
     if aa_limit:
         aa = json.loads(aa_file.read_text())
         row.update(aa=aa["attacks"]["aa"]["acc"], aa_clean=aa["clean"]["acc"], aa_n=aa["n"], aa_s=aa["seconds"],
+                   aa_backend=aa["attacks"]["aa"].get("backend", "torchattacks 3.5.1"),
                    aa_pgd20=json.loads(pgd_file.read_text())["attacks"]["pgd-20"]["acc"])
     return row
+
+
+def fra31(row: dict) -> tuple[float, float] | None:
+    """(AutoAttack accuracy from fra31's code, from torchattacks' ports on the same run) of a row,
+    the second None when it was never measured so; None when the row has no fra31 figure."""
+    if not row.get("aa_backend", "").startswith("pyautoattack"):
+        return None
+    return row["aa"], row.get("aa_torchattacks")
+
+
+def remeasure_aa(recipe: Path, seed: int, row: dict, nproc: int, aa_limit: int) -> dict:
+    name = f"{recipe.stem}-s{seed}"
+    out = run_dir(recipe, name)
+    if not (out / "results.json").is_file():
+        torchrun(nproc, "train", str(recipe), f"train.seed={seed}", f"run.name={name}", "eval.attacks=[clean]")
+    clean = json.loads((out / "results.json").read_text())["clean"]["acc"]
+    aa_file = out / f"aa{aa_limit}-fra31.json"
+    if not aa_file.is_file():
+        torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", json.loads((out / "results.json").read_text())[
+            "dataset"], "--attacks", "clean,aa", "--limit", str(aa_limit), "--aa-block-size", str(-(-aa_limit // nproc)),
+            "--out", str(aa_file))
+    aa = json.loads(aa_file.read_text())
+    return dict(row, aa_torchattacks=row["aa"], aa=aa["attacks"]["aa"]["acc"], aa_s=aa["seconds"],
+                aa_backend=aa["attacks"]["aa"]["backend"], same_model=abs(clean - row["clean"]) < 1e-9)
 
 
 def summary(values: list[float]) -> str:
@@ -93,13 +123,17 @@ def write(table: dict, args, out: Path) -> str:
             continue
         lines += [f"\n**{TITLES.get(pair, pair)}** (L-inf eps 0.1; clean and PGD-20 on the {runs[0]['n']:,} test "
                   f"images, AutoAttack on the first {args.aa_limit}; mean ± std over seeds)\n",
-                  f"| method | seeds | clean % | PGD-20 % | PGD-20 % (first {args.aa_limit}) | AutoAttack % |",
-                  "|---|---|---|---|---|---|"]
+                  f"| method | seeds | clean % | PGD-20 % | PGD-20 % (first {args.aa_limit}) | AutoAttack % (fra31) "
+                  f"| its seeds | torchattacks' port, same seeds |", "|---|---|---|---|---|---|---|---|"]
         for method in [m for m in METHODS if m in rows] + [m for m in rows if m not in METHODS]:
             runs = list(rows[method].values())
-            few = [summary([r[k] for r in runs]) if all(k in r for r in runs) else "-" for k in ("aa_pgd20", "aa")]
+            pgd = summary([r["aa_pgd20"] for r in runs]) if all("aa_pgd20" in r for r in runs) else "-"
+            fra = {seed: fra31(r) for seed, r in rows[method].items() if fra31(r)}
+            old = [v[1] for v in fra.values() if v[1] is not None]
             lines.append(f"| {method} | {','.join(rows[method])} | {summary([r['clean'] for r in runs])} | "
-                         f"{summary([r['pgd20'] for r in runs])} | {few[0]} | {few[1]} |")
+                         f"{summary([r['pgd20'] for r in runs])} | {pgd} | "
+                         f"{summary([v[0] for v in fra.values()]) if fra else '-'} | {','.join(fra) or '-'} | "
+                         f"{summary(old) if old and len(old) == len(fra) else '-'} |")
     text = "\n".join(lines)
     (out / "finetune.md").write_text(text.lstrip() + "\n")
     return text
@@ -112,6 +146,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--aa-limit", type=int, default=100)
+    p.add_argument("--remeasure-aa", action="store_true", help="AutoAttack again with fra31's code (see above)")
     args = p.parse_args()
     out = ROOT / "results"
     table: dict = {}
@@ -126,6 +161,14 @@ def main() -> None:
             ensure_source(pair, source, args.nproc)
         for method, seed in todo:
             rows.setdefault(method, {})[seed] = one_run(folder / f"{method}.yaml", int(seed), args.nproc, args.aa_limit)
+            write(table, args, out)
+        stale = [(m, s) for m in args.methods.split(",") for s in args.seeds.split(",")
+                 if args.remeasure_aa and s in rows.get(m, {}) and fra31(rows[m][s]) is None]
+        for source in ("source_at", "source_clean") if stale else ():
+            ensure_source(pair, source, args.nproc)
+        for method, seed in stale:
+            rows[method][seed] = remeasure_aa(folder / f"{method}.yaml", int(seed), rows[method][seed], args.nproc,
+                                              args.aa_limit)
             write(table, args, out)
     print(write(table, args, out))
 
