@@ -150,6 +150,8 @@ class EvalConfig:
     aa_block_size: int = 500            # AutoAttack: points per block, its unit of sharding and seeding (ranks
                                         # share whole blocks: fewer points than ranks x this leaves ranks idle)
     at_end: bool = True                 # evaluate after training and write results.json
+    precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast, CUDA only) of the evaluation attacks;
+                                        # never attack.precision: a weaker training attack must not weaken the eval
 
 
 @dataclass
@@ -444,6 +446,8 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     _check(a.restarts > 0, "attack.restarts", a.restarts, "must be > 0")
     _check(a.compile in ("on", "off", "auto"), "attack.compile", a.compile, "must be on, off or auto")
     _check(a.precision in ("fp32", "bf16", "fp16"), "attack.precision", a.precision, "must be fp32, bf16 or fp16")
+    _check(cfg.eval.precision in ("fp32", "bf16", "fp16"), "eval.precision", cfg.eval.precision,
+           "must be fp32, bf16 or fp16")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
