@@ -427,6 +427,9 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     local_batch = d.batch_size // max(world_size, 1)
     _check(not twins or local_batch % 2 == 0, "data.batch_size", d.batch_size,
            f"TWINS splits each rank's batch in two halves: the per-rank batch ({local_batch}) must be even")
+    _check(not twins or m.init_from is not None, "model.init_from", m.init_from,
+           f"method.name={meth.name} fine-tunes a source model: without one its frozen BN wing would hold "
+           "freshly initialised statistics (model.init_from names the source)")
     _check(meth.beta >= 0, "method.beta", meth.beta, "must be >= 0")
     _check(meth.kl_reduction in ("batchmean", "sum", "mean"), "method.kl_reduction", meth.kl_reduction,
            "must be batchmean, sum or mean")
