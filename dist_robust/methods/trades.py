@@ -5,6 +5,13 @@ started at x + 0.001 N(0, I)); ``ce`` is the CE-PGD adversary that the TWINS and
 The KL term is ``nn.KLDivLoss`` on (log_softmax(f(x')), softmax(f(x))) with the clean branch not
 detached, reduced by ``method.kl_reduction``: ``batchmean`` (sum / local batch, the reference's
 ``size_average=False`` then ``/ batch_size``), ``sum``, or ``mean`` (over batch x classes).
+
+Forward order: one clean training forward, then the adversarial one; the clean logits serve both the
+CE and the KL target. The reference ``trades_loss`` runs three: clean (the CE), adversarial, then
+clean again (the KL target), so its clean forward comes last. The difference is in BN running
+statistics only: a training forward normalises with its own batch's statistics, so the second clean
+forward repeats the first and the loss and the gradients are the same; but the reference folds the
+clean batch into the running statistics last (three updates a step), we the adversarial batch (two).
 """
 import torch
 import torch.nn.functional as F
