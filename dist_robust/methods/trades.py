@@ -1,7 +1,9 @@
 """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' the adversary's point.
 
 The adversary is ``attack.loss``: ``kl`` is the reference (maximise the KL to the clean prediction,
-started at x + 0.001 N(0, I)); ``ce`` is the CE-PGD adversary that the TWINS and Adv-SS code use.
+started at x + 0.001 N(0, I) whatever ``attack.random_start`` says: at x itself the KL's gradient is
+exactly zero and PGD would return x unchanged); ``ce`` is the CE-PGD adversary that the TWINS and
+Adv-SS code use (its start follows ``attack.random_start``).
 The KL term is ``nn.KLDivLoss`` on (log_softmax(f(x')), softmax(f(x))) with the clean branch not
 detached, reduced by ``method.kl_reduction``: ``batchmean`` (sum / local batch, the reference's
 ``size_average=False`` then ``/ batch_size``), ``sum``, or ``mean`` (over batch x classes).
@@ -37,7 +39,9 @@ def trades_adversary(model, x, y, attack_cfg, bn_branch=None) -> torch.Tensor:
     a = attack_cfg
     kw = attack_kwargs(a)
     delta0 = None
-    if a.loss == "kl" and a.random_start:  # the reference's start: a small Gaussian, not the uniform ball
+    if a.loss == "kl":
+        # The reference's start: a small Gaussian, not the uniform ball, and never x itself (even with
+        # attack.random_start=false): the KL to the clean prediction is minimal there, its gradient zero.
         delta0 = 0.001 * torch.randn_like(x)
     return pgd(model, x, y, a.eps, a.steps, delta0=delta0, bn_branch=bn_branch, **kw)
 
