@@ -51,7 +51,8 @@ def _wing_stats(model, wing):
 
 @pytest.mark.parametrize("method", ["twins_at", "twins_trades"])
 def test_frozen_wing_stays_bitwise_adaptive_wing_moves_export_matches(tmp_path, method):
-    cfg = config.load_config(None, RECIPE + [f"method.name={method}", f"model.init_from={_source_checkpoint(tmp_path)}"])
+    source = _source_checkpoint(tmp_path)
+    cfg = config.load_config(None, RECIPE + [f"method.name={method}", f"model.init_from={source}"])
     model = configure_finetuning(_source(), tuned_bn="dual")
     layers = dual_layers(model)
     assert len(layers) == 3 and all(m.bn_branch == "adaptive" for m in layers)
