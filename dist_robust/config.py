@@ -74,7 +74,7 @@ class MethodConfig:
     beta: float = 6.0                   # TRADES / TWINS-TRADES weight of the KL term
     kl_reduction: str = "batchmean"     # TRADES KL: batchmean (sum / local batch, the reference) | sum | mean
     twins_lambda: float = 1.0           # TWINS weight of the frozen wing's loss (1.0 CIFAR, 0.4 high-res)
-    cartl_lambda: float = 0.01          # CARTL stage 1: weight of the feature distance (summed over the rank's batch)
+    cartl_lambda: float = 0.01          # CARTL stage 1: weight of the feature distance (summed over the global batch)
     sn_beta: float = 1.0                # CARTL stage 2: spectral-norm bound of the tuned layers (0.4 for GTSRB)
     sn_power_iters: int = 1             # CARTL stage 2: power iterations per training forward
     # Adv-SS pretext pre-training (adv_rotation, adv_jigsaw, adv_selfie, adv_ss_ensemble; methods/adv_ss.py)
