@@ -60,7 +60,8 @@ class ModelConfig:
     new_head: bool = True               # fresh head for the target classes (keep the source's if False)
     sync_bn: bool = False               # synchronise BN batch statistics across ranks (gloo and nccl)
     trainable: str = "all"              # all | head (linear probing) | last_k (partial fine-tuning) | modules
-    last_k: int = 1                     # last_k: how many backbone blocks train (with the head)
+    last_k: int = 1                     # last_k: how many blocks train, and the head (ResNet family: residual units,
+                                        # final BN, head, as CARTL counts; models/__init__.py lists them)
     modules: List[str] = field(default_factory=list)  # modules: their names; "lowest_mrc": RiFT's choice,
                                         # read from the mrc.json of the run that model.init_from names
     frozen_bn: str = "freeze_all"       # BN of the frozen part: freeze_all | freeze_stats | train
@@ -81,7 +82,7 @@ class MethodConfig:
     ensemble_tasks: List[str] = field(default_factory=lambda: ["rotation", "jigsaw", "selfie"])
                                         # adv_ss_ensemble: the pretext tasks trained together (2 or 3)
     ensemble_export: str = "rotation"   # adv_ss_ensemble: the branch exported with the trunk (rotation | jigsaw)
-    ensemble_branch_blocks: int = 1     # adv_ss_ensemble: the backbone's last blocks each task owns a copy of
+    ensemble_branch_blocks: int = 1     # adv_ss_ensemble: the backbone's last stages each task owns a copy of
                                         # (1: ResNet-50's layer4, as the authors; preact_resnet18: 2 = layer4 + bn)
     adv_ss_lambda: float = 0.1          # adv_ss_ensemble: weight of the log-det diversity penalty (attack and loss)
     jigsaw_grid: int = 4                # tiles per side, must divide the image (32: 8x8 tiles, 28: 7x7)

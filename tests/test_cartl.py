@@ -264,6 +264,17 @@ def test_misuse_fails_loudly():
         CARTLFineTune(_cfg(), last_k=4).prepare(_model())
 
 
+def test_resnet_family_k_counts_the_final_bn_and_the_head_as_cartl():
+    """PreAct ResNet-18's blocks: 8 units, the final BN-ReLU, the head. k = 2 tunes the BN and the head
+    (the head spectrally normalised once, though it is both a block and the head); k = 3 adds the last unit."""
+    torch.manual_seed(0)
+    assert apply_spectral_norm(build_model("preact_resnet18", 3, 10, [0.5] * 3, [0.25] * 3), 2, 0.5) == ["head"]
+    model = build_model("preact_resnet18", 3, 10, [0.5] * 3, [0.25] * 3)
+    assert apply_spectral_norm(model, 3, 0.5) == ["features.layer4.1.conv1", "features.layer4.1.conv2", "head"]
+    assert cartl.cut_block_name(model, 3) == "features.layer4.1"
+    assert cartl.cut_block_name(model, 1) == "head"  # k = 1: the cut at the head's input
+
+
 # ---------------------------------------------------------------- DDP (2 gloo ranks on CPU)
 
 def _ddp_steps(rank, world):

@@ -10,12 +10,13 @@ tuned block (k = ``model.last_k``, the same k as ``configure_finetuning(trainabl
    every conv/linear layer there spectrally normalised (W_SN = beta * W / sigma(W)) so the tuned part
    does not amplify feature perturbations; the frozen part's BN keeps the source statistics.
 
-Block counting: CARTL's code counts the FC layer as a block (its k = 4 on WRN-34-10 tunes two residual
-layers, the final BN-ReLU and the FC), ours does not (the head always trains with the last k blocks), so
-CARTL's k is our ``last_k + 1`` where the block granularities agree.
+Block counting (``dist_robust.models.block_names``): for the ResNet family k counts as CARTL's code
+does, residual units, the final BN-ReLU of a pre-activation net and the FC (k = 4 on WRN-34-10 tunes
+its last two units, the final BN-ReLU and the head; k = 1 the head alone, cut at its input). The small
+CNNs count their stages, without the head, which trains with their last k anyway.
 
 Config keys read (defaults in brackets):
-- ``model.last_k`` (1): how many backbone blocks are tuned; the cut is at the first one's input.
+- ``model.last_k`` (1): how many blocks are tuned; the cut is at the first one's input.
 - ``method.cartl_lambda`` (0.01): weight of the feature-distance term, summed over the global batch (stage 1).
 - ``method.sn_beta`` (1.0): the spectral-norm bound beta (stage 2; the GTSRB script uses 0.4).
 - ``method.sn_power_iters`` (1): power iterations per training forward (stage 2).
@@ -178,8 +179,9 @@ def apply_spectral_norm(model: nn.Module, last_k: int, beta: float = 1.0, head: 
     sigma is torch's spectral-norm estimate on the weight reshaped to [out, -1] (15 power iterations at
     registration, then ``n_power_iterations`` per training forward; eval forwards reuse u and v). On a
     conv this bounds the reshaped matrix, not the conv operator: the usual approximation, as in the
-    paper. The head is included by default because CARTL's FC is one of its last k blocks. Under DDP
-    u and v are buffers, re-broadcast from rank 0 at each forward (``broadcast_buffers=True``).
+    paper. The head is included by default (``head=False``: never), as CARTL's FC is one of its last k
+    blocks. Under DDP u and v are buffers, re-broadcast from rank 0 at each forward
+    (``broadcast_buffers=True``).
     """
     if beta <= 0:
         raise ValueError(f"spectral-norm beta must be > 0, got {beta}")
@@ -187,7 +189,7 @@ def apply_spectral_norm(model: nn.Module, last_k: int, beta: float = 1.0, head: 
     blocks = block_names(net)
     if not 1 <= last_k <= len(blocks):
         raise ValueError(f"last_k={last_k} but the model has {len(blocks)} blocks: {', '.join(blocks)}")
-    roots = blocks[-last_k:] + (["head"] if head else [])
+    roots = [b for b in blocks[-last_k:] if b != "head"] + (["head"] if head else [])  # the head: once
     wrapped = []
     for root in roots:
         # A list first: registering a parametrisation adds submodules to the tree being walked.
