@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--restarts", type=int, default=1, help="pgd-K / cw-K: worst case over this many starts")
     e.add_argument("--compile", default=None, choices=["on", "off", "auto"], help="fused PGD step")
     e.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="PGD / CW precision (default: the checkpoint's eval.precision, fp32; never its attack.precision)")
+                   help="PGD / CW precision (default: the checkpoint's eval.precision; never its attack.precision)")
     e.add_argument("--batch-size", type=int, default=None, help="per-rank evaluation batch")
     e.add_argument("--aa-block-size", type=int, default=None,
                    help="AutoAttack points per block (sharding and seeding unit; default 500)")

@@ -108,8 +108,8 @@ def test_odd_per_rank_batch_is_a_config_error():
 
 
 def _twins_ddp_worker(rank, world, method, out_dir, source):
-    cfg = config.load_config(None, RECIPE + [f"method.name={method}", "model.sync_bn=true", f"model.init_from={source}"],
-                             world_size=world)
+    overrides = [f"method.name={method}", "model.sync_bn=true", f"model.init_from={source}"]
+    cfg = config.load_config(None, RECIPE + overrides, world_size=world)
     model = configure_finetuning(convert_sync_bn(_source()), tuned_bn="dual")
     assert all(isinstance(m.adaptive, SyncBatchNorm2d) and not isinstance(m.frozen, torch.nn.BatchNorm2d)
                for m in model.modules() if isinstance(m, DualBatchNorm2d))

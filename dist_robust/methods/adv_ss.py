@@ -7,11 +7,12 @@ with that task's labels, and the network learns the tasks on clean and adversari
   view)) / 2. The adversary is ``pgd()`` from ``attack.*`` on the view (the rotated image, the shuffled
   image; for selfie the whole image, before patching) through its custom-loss hook.
 - ``adv_ss_ensemble``: several tasks on a shared trunk, each with its own copy of the backbone's last
-  ``method.ensemble_branch_blocks`` stages (``models.stage_names``) and its own head (selfie reads the trunk output, pooled).
-  The views are attacked jointly (``joint_attack``): every step ascends each task's loss plus
-  ``adv_ss_lambda`` * h, with h = mean_batch logdet(G^T G + 1e-5 I) and G the per-sample L2-normalised
-  input gradients of the tasks. The model minimises (sum of clean and adversarial CEs) / (2 * tasks)
-  + lambda * h, h recomputed on the final adversarial views (double backward).
+  ``method.ensemble_branch_blocks`` stages (``models.stage_names``) and its own head (selfie reads the
+  trunk output, pooled). The views are attacked jointly (``joint_attack``): every step ascends each
+  task's loss plus ``adv_ss_lambda`` * h, with h = mean_batch logdet(G^T G + 1e-5 I) and G the
+  per-sample L2-normalised input gradients of the tasks. The model minimises (sum of clean and
+  adversarial CEs) / (2 * tasks) + lambda * h, h recomputed on the final adversarial views (double
+  backward).
 
 Every method trains a ``PretextNet`` and exports a plain ``ImageClassifier`` (keys ``normalize.*``,
 ``features.*``, ``head.*``), so ``model.init_from`` + ``load_backbone`` fine-tune it with a new head.

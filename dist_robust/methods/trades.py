@@ -1,8 +1,8 @@
 """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' the adversary's point.
 
 The adversary is ``attack.loss``: ``kl`` is the reference (maximise the KL to the clean prediction,
-started at x + 0.001 N(0, I) whatever ``attack.random_start`` says: at x itself the KL's gradient is
-exactly zero and PGD would return x unchanged); ``ce`` is the CE-PGD adversary that the TWINS and
+started at x + 0.001 N(0, I) whatever ``attack.random_start`` says: at x itself the KL and its gradient
+are zero up to rounding, and PGD's first sign step would follow rounding noise); ``ce`` is the CE-PGD adversary that the TWINS and
 Adv-SS code use (its start follows ``attack.random_start``).
 The KL term is ``nn.KLDivLoss`` on (log_softmax(f(x')), softmax(f(x))) with the clean branch not
 detached, reduced by ``method.kl_reduction``: ``batchmean`` (sum / local batch, the reference's
@@ -41,7 +41,8 @@ def trades_adversary(model, x, y, attack_cfg, bn_branch=None) -> torch.Tensor:
     delta0 = None
     if a.loss == "kl":
         # The reference's start: a small Gaussian, not the uniform ball, and never x itself (even with
-        # attack.random_start=false): the KL to the clean prediction is minimal there, its gradient zero.
+        # attack.random_start=false): the KL to the clean prediction is minimal there, its gradient zero
+        # up to rounding, and a sign step would follow the rounding noise.
         delta0 = 0.001 * torch.randn_like(x)
     return pgd(model, x, y, a.eps, a.steps, delta0=delta0, bn_branch=bn_branch, **kw)
 
