@@ -64,8 +64,8 @@ def bench_twins(name: str, batch: int, k: int, repeats: int) -> dict:
     x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     steps = {}
     for method in ("pgd_at", "twins_at"):
-        cfg = load_config(None, [f"method.name={method}", f"model.name={name}", "attack.eps=0.1",
-                                 f"attack.steps={k}", "attack.compile=off"])
+        cfg = load_config(None, [f"model.name={name}", "attack.eps=0.1", f"attack.steps={k}", "attack.compile=off"])
+        cfg.method.name = method  # set after validation: a TWINS run needs a source (model.init_from), a step does not
         torch.manual_seed(0)
         m = build_method(cfg)
         model = m.prepare(configure_finetuning(build_model(name, 1, 10, [0.5], [0.25]),

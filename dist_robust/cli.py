@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--norm", default=None, choices=["Linf", "L2"], help="default: the checkpoint's attack.norm")
     e.add_argument("--restarts", type=int, default=1, help="pgd-K / cw-K: worst case over this many starts")
     e.add_argument("--compile", default=None, choices=["on", "off", "auto"], help="fused PGD step")
+    e.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="PGD / CW precision (default: the checkpoint's eval.precision; never its attack.precision)")
     e.add_argument("--batch-size", type=int, default=None, help="per-rank evaluation batch")
     e.add_argument("--aa-block-size", type=int, default=None,
                    help="AutoAttack points per block (sharding and seeding unit; default 500)")
@@ -69,6 +71,8 @@ def _eval_config(args):
     cfg.eval.eps, cfg.eval.norm, cfg.eval.restarts = args.eps, args.norm, args.restarts
     if args.compile is not None:
         cfg.attack.compile = args.compile
+    if args.precision is not None:
+        cfg.eval.precision = args.precision
     if args.batch_size is not None:
         cfg.data.eval_batch_size = args.batch_size
     if args.aa_block_size is not None:

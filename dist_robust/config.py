@@ -60,7 +60,8 @@ class ModelConfig:
     new_head: bool = True               # fresh head for the target classes (keep the source's if False)
     sync_bn: bool = False               # synchronise BN batch statistics across ranks (gloo and nccl)
     trainable: str = "all"              # all | head (linear probing) | last_k (partial fine-tuning) | modules
-    last_k: int = 1                     # last_k: how many backbone blocks train (with the head)
+    last_k: int = 1                     # last_k: how many blocks train, and the head (ResNet family: residual units,
+                                        # final BN, head, as CARTL counts; models/__init__.py lists them)
     modules: List[str] = field(default_factory=list)  # modules: their names; "lowest_mrc": RiFT's choice,
                                         # read from the mrc.json of the run that model.init_from names
     frozen_bn: str = "freeze_all"       # BN of the frozen part: freeze_all | freeze_stats | train
@@ -74,14 +75,14 @@ class MethodConfig:
     beta: float = 6.0                   # TRADES / TWINS-TRADES weight of the KL term
     kl_reduction: str = "batchmean"     # TRADES KL: batchmean (sum / local batch, the reference) | sum | mean
     twins_lambda: float = 1.0           # TWINS weight of the frozen wing's loss (1.0 CIFAR, 0.4 high-res)
-    cartl_lambda: float = 0.01          # CARTL stage 1: weight of the feature distance (summed over the rank's batch)
+    cartl_lambda: float = 0.01          # CARTL stage 1: weight of the feature distance (summed over the global batch)
     sn_beta: float = 1.0                # CARTL stage 2: spectral-norm bound of the tuned layers (0.4 for GTSRB)
     sn_power_iters: int = 1             # CARTL stage 2: power iterations per training forward
     # Adv-SS pretext pre-training (adv_rotation, adv_jigsaw, adv_selfie, adv_ss_ensemble; methods/adv_ss.py)
     ensemble_tasks: List[str] = field(default_factory=lambda: ["rotation", "jigsaw", "selfie"])
                                         # adv_ss_ensemble: the pretext tasks trained together (2 or 3)
     ensemble_export: str = "rotation"   # adv_ss_ensemble: the branch exported with the trunk (rotation | jigsaw)
-    ensemble_branch_blocks: int = 1     # adv_ss_ensemble: the backbone's last blocks each task owns a copy of
+    ensemble_branch_blocks: int = 1     # adv_ss_ensemble: the backbone's last stages each task owns a copy of
                                         # (1: ResNet-50's layer4, as the authors; preact_resnet18: 2 = layer4 + bn)
     adv_ss_lambda: float = 0.1          # adv_ss_ensemble: weight of the log-det diversity penalty (attack and loss)
     jigsaw_grid: int = 4                # tiles per side, must divide the image (32: 8x8 tiles, 28: 7x7)
@@ -150,6 +151,8 @@ class EvalConfig:
     aa_block_size: int = 500            # AutoAttack: points per block, its unit of sharding and seeding (ranks
                                         # share whole blocks: fewer points than ranks x this leaves ranks idle)
     at_end: bool = True                 # evaluate after training and write results.json
+    precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast, CUDA only) of the evaluation attacks;
+                                        # never attack.precision: a weaker training attack must not weaken the eval
 
 
 @dataclass
@@ -425,6 +428,9 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     local_batch = d.batch_size // max(world_size, 1)
     _check(not twins or local_batch % 2 == 0, "data.batch_size", d.batch_size,
            f"TWINS splits each rank's batch in two halves: the per-rank batch ({local_batch}) must be even")
+    _check(not twins or m.init_from is not None, "model.init_from", m.init_from,
+           f"method.name={meth.name} fine-tunes a source model: without one its frozen BN wing would hold "
+           "freshly initialised statistics (model.init_from names the source)")
     _check(meth.beta >= 0, "method.beta", meth.beta, "must be >= 0")
     _check(meth.kl_reduction in ("batchmean", "sum", "mean"), "method.kl_reduction", meth.kl_reduction,
            "must be batchmean, sum or mean")
@@ -444,6 +450,8 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     _check(a.restarts > 0, "attack.restarts", a.restarts, "must be > 0")
     _check(a.compile in ("on", "off", "auto"), "attack.compile", a.compile, "must be on, off or auto")
     _check(a.precision in ("fp32", "bf16", "fp16"), "attack.precision", a.precision, "must be fp32, bf16 or fp16")
+    _check(cfg.eval.precision in ("fp32", "bf16", "fp16"), "eval.precision", cfg.eval.precision,
+           "must be fp32, bf16 or fp16")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

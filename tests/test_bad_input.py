@@ -61,6 +61,7 @@ MISTAKES = [
      "holds another run (model.name cnn3, here resnet_small)"),                                 # reused run name
     (["train", RECIPE, "method.name=twins_at", "data.batch_size=6"], {"WORLD_SIZE": "2", "RANK": "0"},
      "per-rank batch (3) must be even"),
+    (["train", RECIPE, "method.name=twins_trades"], {}, "model.init_from=None: method.name=twins_trades"),
     (["train", RECIPE, "train.checkpoint_every=-5"], {}, "train.checkpoint_every=-5"),
     (["train", RECIPE, "dist.engine=horovod"], {}, "dist.engine='horovod'"),
     (["train", RECIPE, "dist.engine=deepspeed", "dist.zero_stage=3"], {}, "dist.zero_stage=3"),     # not supported

@@ -17,6 +17,7 @@ from dist_robust.methods import cartl
 from dist_robust.methods.cartl import (CARTLFeatureDistance, CARTLFineTune, CutFeatureHook, apply_spectral_norm,
                                        remove_spectral_norm)
 from dist_robust.models import build_model
+from dist_robust.models.partial import configure_finetuning
 
 from conftest import run_ranks
 
@@ -129,6 +130,50 @@ def test_fdm_with_the_real_attack_sees_two_forwards_and_trains_every_parameter()
         method.loss(model.eval(), x, y)
 
 
+class _FixedAdversary(CARTLFeatureDistance):
+    """A deterministic, per-sample adversary (a sign pattern of x itself): the world-size test compares
+    gradients, not attacks."""
+
+    def adversary(self, model, x, y):
+        return (x + 0.1 * torch.sin(97 * x).sign()).clamp(0, 1)
+
+
+def _fdm_setup():
+    """A model whose forward treats every sample alone (BN on its running statistics: a rank's half batch
+    would otherwise normalise differently from the whole one), a batch of 16, and a heavy lambda."""
+    torch.manual_seed(0)
+    model = configure_finetuning(build_model("cnn3", 1, 10, [0.5], [0.5], width=4), tuned_bn="freeze_stats")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(16, 1, 12, 12, generator=g), torch.randint(0, 10, (16,), generator=g)
+    return model.train(), x, y, _FixedAdversary(_cfg(), lam=0.5, last_k=1)
+
+
+def _fdm_grad_worker(rank, world, out_dir):
+    model, x, y, method = _fdm_setup()
+    n = len(x) // world
+    ddp = DDP(model)  # kept referenced until backward: its reducer averages the ranks' gradients
+    loss, _ = method.loss(ddp, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+    loss.backward()
+    if rank == 0:
+        torch.save({k: p.grad for k, p in model.named_parameters()}, f"{out_dir}/grads.pt")
+
+
+def test_fdm_gradient_is_the_same_on_two_ranks_as_on_one_at_the_same_global_batch(tmp_path):
+    """The penalty is a sum over the global batch (the authors' single-GPU batch): 2 ranks x 8 give the
+    gradient of 1 rank x 16, not one with half the feature-distance weight."""
+    run_ranks(_fdm_grad_worker, 2, str(tmp_path))
+    two = torch.load(tmp_path / "grads.pt")
+    model, x, y, method = _fdm_setup()
+    method.loss(model, x, y)[0].backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(two[name], p.grad, rtol=0, atol=1e-6, msg=name)
+    # and the test can tell: the per-rank sum alone (half the weight) would give another gradient
+    model.zero_grad()
+    method.lam /= 2
+    method.loss(model, x, y)[0].backward()
+    assert max((two[n] - p.grad).abs().max().item() for n, p in model.named_parameters()) > 1e-3
+
+
 # ---------------------------------------------------------------- stage 2: non-expansive fine-tuning
 
 def _finetune(model, method, steps=3, start=0):
@@ -217,6 +262,17 @@ def test_misuse_fails_loudly():
         CARTLFineTune(_cfg(), tuned_bn="dual")
     with pytest.raises(ValueError, match="last_k=4"):
         CARTLFineTune(_cfg(), last_k=4).prepare(_model())
+
+
+def test_resnet_family_k_counts_the_final_bn_and_the_head_as_cartl():
+    """PreAct ResNet-18's blocks: 8 units, the final BN-ReLU, the head. k = 2 tunes the BN and the head
+    (the head spectrally normalised once, though it is both a block and the head); k = 3 adds the last unit."""
+    torch.manual_seed(0)
+    assert apply_spectral_norm(build_model("preact_resnet18", 3, 10, [0.5] * 3, [0.25] * 3), 2, 0.5) == ["head"]
+    model = build_model("preact_resnet18", 3, 10, [0.5] * 3, [0.25] * 3)
+    assert apply_spectral_norm(model, 3, 0.5) == ["features.layer4.1.conv1", "features.layer4.1.conv2", "head"]
+    assert cartl.cut_block_name(model, 3) == "features.layer4.1"
+    assert cartl.cut_block_name(model, 1) == "head"  # k = 1: the cut at the head's input
 
 
 # ---------------------------------------------------------------- DDP (2 gloo ranks on CPU)

@@ -1,4 +1,5 @@
 """Config: defaults <- recipe <- overrides; every bad value exits with status 2 and one line naming it."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,23 @@ def test_on_off_yes_no_stay_strings_in_overrides_and_recipes(tmp_path):
     cfg = load_config(str(recipe))
     assert cfg.attack.compile == "off" and cfg.eval.at_end is False
     assert load_config(None, ["attack.compile=on", "data.flip=true"]).attack.compile == "on"
+
+
+def test_evaluation_precision_is_eval_precision_never_the_training_attacks(tmp_path, capsys):
+    """attack.precision is the training attack's; the final evaluation, RiFT's and `dist-robust eval` read
+    eval.precision (fp32 by default). On the CPU a bf16 PGD is refused, so an evaluation that inherited
+    the checkpoint's attack.precision=bf16 would fail here."""
+    from dist_robust.config import to_dict
+    from dist_robust.engine.checkpoint import save_checkpoint
+    from dist_robust.engine.evaluate import eval_attack_opts
+    from dist_robust.models import build_model
+    cfg = load_config(None, ["attack.precision=bf16", "data.name=digits", "run.device=cpu"])
+    assert eval_attack_opts(cfg)["precision"] == "fp32"
+    assert eval_attack_opts(load_config(None, ["attack.precision=bf16", "eval.precision=bf16"]))["precision"] == "bf16"
+    save_checkpoint(tmp_path, "model", build_model("cnn3", 1, 10, [0.5], [0.5]).state_dict(),
+                    dict(config=to_dict(cfg), epoch=1, step=1))
+    args = ["eval", "--checkpoint", str(tmp_path), "--dataset", "digits", "--attacks", "clean,pgd-1", "--limit", "8"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "eval-digits-test.json").read_text())["attacks"]["pgd-1"]["precision"] == "fp32"
+    assert main(args + ["--precision", "bf16"]) == 1  # the setting does reach the attack
+    assert "bf16 needs a CUDA device" in capsys.readouterr().err

@@ -101,8 +101,8 @@ stages:
   - {name: standard, method: {name: standard}}
   - {name: pgd_at, method: {name: pgd_at}}
   - {name: trades, method: {name: trades}}
-  - {name: twins_at, method: {name: twins_at}, model: {sync_bn: true}}
-  - {name: twins_trades, method: {name: twins_trades}, model: {sync_bn: true}}
+  - {name: twins_at, method: {name: twins_at}, model: {init_from: stage:standard, sync_bn: true}}
+  - {name: twins_trades, method: {name: twins_trades}, model: {init_from: stage:standard, sync_bn: true}}
   - {name: cartl, method: {name: cartl}}
   - {name: cartl_ft, method: {name: cartl_ft}, model: {init_from: previous, last_k: 1}}
   - {name: partial, method: {name: pgd_at}, model: {init_from: stage:pgd_at, trainable: last_k, last_k: 1}}

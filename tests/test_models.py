@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dist_robust.models import (MODELS, ImageClassifier, Normalize, block_names, build_model, head_parameter_names,
-                                load_backbone)
+                                load_backbone, stage_names)
 
 SMALL = ["cnn3", "resnet_small"]
 
@@ -35,14 +35,22 @@ def test_structure_and_output_shape(name, channels):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_blocks_partition_backbone_parameters(name):
+def test_stages_partition_backbone_parameters_and_blocks_are_disjoint_in_forward_order(name):
     model = make(name)
-    blocks = block_names(model)
-    assert blocks and all(b.startswith("features.") for b in blocks)
-    owners = [[b for b in blocks if n.startswith(b + ".")] for n, _ in model.features.named_parameters(prefix="features")]
+    stages = stage_names(model)
+    assert stages and all(b.startswith("features.") for b in stages)
+    owners = [[b for b in stages if n.startswith(b + ".")] for n, _ in model.features.named_parameters(prefix="features")]
     assert all(len(o) == 1 for o in owners)
+    blocks = block_names(model)
+    owners = [[b for b in blocks if n.startswith(b + ".")] for n, _ in model.named_parameters()]
+    assert all(len(o) <= 1 for o in owners)  # no parameter in two blocks
+    assert (blocks == stages) == (name in SMALL) and (blocks[-1] == "head") == (name not in SMALL)
+    seen = []  # the blocks run in the listed order
     for b in blocks:
-        model.get_submodule(b)
+        model.get_submodule(b).register_forward_pre_hook(lambda m, args, b=b: seen.append(b))
+    with torch.no_grad():
+        model.eval()(torch.rand(1, 3, 16, 16))
+    assert seen == blocks
 
 
 @pytest.mark.parametrize("name, feature_dim, backbone_params", [

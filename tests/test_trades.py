@@ -6,7 +6,8 @@ import torch
 
 from dist_robust import config
 from dist_robust.methods import build_method
-from dist_robust.methods.trades import kl_term
+from dist_robust.attacks import pgd
+from dist_robust.methods.trades import kl_term, trades_adversary
 from dist_robust.models import build_model
 
 CLEAN = [[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]
@@ -55,3 +56,32 @@ def test_trades_loss_is_ce_plus_beta_kl_and_the_clean_branch_gets_gradient(adver
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(config.ConfigError, match="attack.loss"):
         config.load_config(None, ["method.name=trades", "attack.loss=cw"])
+
+
+def test_kl_adversary_starts_near_x_without_a_random_start(monkeypatch):
+    """At x the KL to the clean prediction is zero and so is its gradient, up to rounding: started there,
+    PGD's first sign step follows rounding noise (or nothing, where it is exactly zero). The KL adversary
+    starts at x + 0.001 N(0, I), as the reference, whatever attack.random_start says; it then stays in the
+    eps ball and the [0, 1] box and raises the KL."""
+    from dist_robust.methods import trades
+    starts = []
+
+    def recording_pgd(*args, **kw):
+        starts.append(kw["delta0"])
+        return pgd(*args, **kw)
+
+    monkeypatch.setattr(trades, "pgd", recording_pgd)
+    cfg = config.load_config(None, ["method.name=trades", "attack.loss=kl", "attack.random_start=false",
+                                    "attack.eps=0.1", "attack.steps=3"])
+    torch.manual_seed(0)
+    model = build_model("cnn3", 1, 10, [0.5], [0.5]).train()
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    x_adv = trades_adversary(model, x, y, cfg.attack)
+    assert starts[0] is not None and starts[0].shape == x.shape
+    assert abs(starts[0].std().item() - 0.001) < 1e-4 and abs(starts[0].mean().item()) < 1e-4
+    delta = (x_adv - x).flatten(1).abs()
+    assert (delta.amax(1) > 0).all()  # every point moved
+    assert delta.max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1  # eps ball and [0, 1] box
+    model.eval()
+    with torch.no_grad():
+        assert kl_term(model(x_adv), model(x), "sum", len(x)).item() > 0

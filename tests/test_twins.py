@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from conftest import run_ranks
 from dist_robust import config
 from dist_robust.data import load_dataset
+from dist_robust.engine.checkpoint import save_checkpoint
 from dist_robust.methods import build_method
 from dist_robust.models import build_model
 from dist_robust.models.dual_bn import DualBatchNorm2d, bn_branch, dual_layers, export_plain
@@ -33,6 +34,12 @@ def _source():
     return model
 
 
+def _source_checkpoint(folder) -> str:
+    """``_source()`` saved as a run exports it: a TWINS config needs model.init_from."""
+    save_checkpoint(folder, "model", _source().state_dict(), dict(config={"model": {"name": "cnn3"}}, epoch=1, step=1))
+    return str(folder)
+
+
 def _batch(start, n):
     ds = load_dataset("digits", "train")
     return ds.images[start:start + n].float() / 255, ds.labels[start:start + n]
@@ -43,8 +50,9 @@ def _wing_stats(model, wing):
 
 
 @pytest.mark.parametrize("method", ["twins_at", "twins_trades"])
-def test_frozen_wing_stays_bitwise_adaptive_wing_moves_export_matches(method):
-    cfg = config.load_config(None, RECIPE + [f"method.name={method}"])
+def test_frozen_wing_stays_bitwise_adaptive_wing_moves_export_matches(tmp_path, method):
+    source = _source_checkpoint(tmp_path)
+    cfg = config.load_config(None, RECIPE + [f"method.name={method}", f"model.init_from={source}"])
     model = configure_finetuning(_source(), tuned_bn="dual")
     layers = dual_layers(model)
     assert len(layers) == 3 and all(m.bn_branch == "adaptive" for m in layers)
@@ -99,8 +107,9 @@ def test_odd_per_rank_batch_is_a_config_error():
         config.load_config(None, RECIPE + ["method.name=twins_at", "model.tuned_bn=train"])
 
 
-def _twins_ddp_worker(rank, world, method, out_dir):
-    cfg = config.load_config(None, RECIPE + [f"method.name={method}", "model.sync_bn=true"], world_size=world)
+def _twins_ddp_worker(rank, world, method, out_dir, source):
+    overrides = [f"method.name={method}", "model.sync_bn=true", f"model.init_from={source}"]
+    cfg = config.load_config(None, RECIPE + overrides, world_size=world)
     model = configure_finetuning(convert_sync_bn(_source()), tuned_bn="dual")
     assert all(isinstance(m.adaptive, SyncBatchNorm2d) and not isinstance(m.frozen, torch.nn.BatchNorm2d)
                for m in model.modules() if isinstance(m, DualBatchNorm2d))
@@ -126,5 +135,6 @@ def _twins_ddp_worker(rank, world, method, out_dir):
 
 @pytest.mark.parametrize("method", ["twins_at", "twins_trades"])
 def test_twins_on_two_ranks_stays_in_lockstep(tmp_path, method):
-    run_ranks(_twins_ddp_worker, 2, method, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["ok0", "ok1"]
+    source = _source_checkpoint(tmp_path / "source")
+    run_ranks(_twins_ddp_worker, 2, method, str(tmp_path), source)
+    assert sorted(os.listdir(tmp_path)) == ["ok0", "ok1", "source"]

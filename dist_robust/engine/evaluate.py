@@ -41,6 +41,12 @@ def parse_attack(name: str) -> dict:
     raise ValueError(f"unknown attack (known: {KNOWN}; K > 0)")
 
 
+def eval_attack_opts(cfg) -> dict:
+    """pgd() keywords of every evaluation: the speed knobs come from ``attack.*``, the precision from
+    ``eval.precision`` alone (a bf16 training attack must not quietly weaken the reported robustness)."""
+    return dict(compile=cfg.attack.compile, precision=cfg.eval.precision, channels_last=cfg.attack.channels_last)
+
+
 def _seeded_starts(x: torch.Tensor, first_index: int, seed: int, restart: int, eps: float, norm: str):
     """Each point's random start, seeded by its global index (independent of batch and rank)."""
     g = torch.Generator()
@@ -106,6 +112,7 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
             result["attacks"][name] = {"correct": int(counts[2 + j]), "acc": counts[2 + j].item() / n,
                                        "eps": eps, "norm": norm, "steps": spec["steps"], "loss": spec["loss"],
                                        "step_size": eps / 4, "random_start": True, "restarts": restarts,
+                                       "precision": (attack_opts or {}).get("precision", "fp32"),
                                        "seed": seed, "time_s": seconds[1 + j].item()}
         else:
             state_dir = aa_state_dir if aa_state_dir is None or name == "aa" else Path(aa_state_dir) / name

@@ -26,7 +26,7 @@ from ..models import model_from_state
 from ..rift import (critical_modules, interpolate_state, module_robust_criticality, rank_modules, select_alpha,
                     write_alpha_curve, write_mrc_table)
 from .checkpoint import load_checkpoint, resolve, save_checkpoint
-from .evaluate import _seeded_starts, evaluate
+from .evaluate import _seeded_starts, eval_attack_opts, evaluate
 from .train import evaluate_run
 
 log = logging.getLogger("dist_robust")
@@ -84,13 +84,11 @@ def rift_interpolate(cfg: Config, device) -> dict:
     robust, _ = load_checkpoint(r.robust_from)
     val = load_split(cfg.data, r.select_split)
     eps, norm = cfg.attack.eps if e.eps is None else e.eps, cfg.attack.norm if e.norm is None else e.norm
-    a = cfg.attack
     curve = []
     for alpha in sorted(r.alphas):
         model.load_state_dict(interpolate_state(robust, tuned, alpha))
         res = evaluate(model, val, ["clean", r.select_attack], eps, cfg.data.eval_batch_size, device, seed=e.seed,
-                       norm=norm, restarts=e.restarts,
-                       attack_opts=dict(compile=a.compile, precision=a.precision, channels_last=a.channels_last))
+                       norm=norm, restarts=e.restarts, attack_opts=eval_attack_opts(cfg))
         curve.append({"alpha": alpha, "clean": res["clean"]["acc"], "robust": res["attacks"][r.select_attack]["acc"],
                       "n": res["n"]})
         log.info("rift_interpolate: alpha %.2f  clean %.4f  %s %.4f  (%s, n=%d)", alpha, curve[-1]["clean"],

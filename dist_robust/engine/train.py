@@ -29,7 +29,7 @@ from ..schedules import lr_at
 from .checkpoint import (CheckpointError, atomic_write, last_good, load_checkpoint, load_optimizer,
                          load_rank_buffers, read_sidecar, remove_step_checkpoints, resolve, rng_state,
                          save_checkpoint, set_rng_state)
-from .evaluate import evaluate, write_results
+from .evaluate import eval_attack_opts, evaluate, write_results
 
 log = logging.getLogger("dist_robust")
 
@@ -231,7 +231,7 @@ def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal
     t0 = time.perf_counter()
     counts = evaluate(model, test_set, e.attacks, eps, cfg.data.eval_batch_size, device, limit=e.limit,
                       seed=e.seed, norm=norm, restarts=e.restarts,
-                      attack_opts=dict(compile=a.compile, precision=a.precision, channels_last=a.channels_last),
+                      attack_opts=eval_attack_opts(cfg),
                       aa_state_dir=out.with_name(out.stem + ".aa-state"), fingerprint=fingerprint,
                       progress=lambda it: _progress(it, None, "eval"), aa_block_size=e.aa_block_size,
                       loader=loader)

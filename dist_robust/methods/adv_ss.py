@@ -7,11 +7,12 @@ with that task's labels, and the network learns the tasks on clean and adversari
   view)) / 2. The adversary is ``pgd()`` from ``attack.*`` on the view (the rotated image, the shuffled
   image; for selfie the whole image, before patching) through its custom-loss hook.
 - ``adv_ss_ensemble``: several tasks on a shared trunk, each with its own copy of the backbone's last
-  ``method.ensemble_branch_blocks`` blocks and its own head (selfie reads the trunk output, pooled).
-  The views are attacked jointly (``joint_attack``): every step ascends each task's loss plus
-  ``adv_ss_lambda`` * h, with h = mean_batch logdet(G^T G + 1e-5 I) and G the per-sample L2-normalised
-  input gradients of the tasks. The model minimises (sum of clean and adversarial CEs) / (2 * tasks)
-  + lambda * h, h recomputed on the final adversarial views (double backward).
+  ``method.ensemble_branch_blocks`` stages (``models.stage_names``) and its own head (selfie reads the
+  trunk output, pooled). The views are attacked jointly (``joint_attack``): every step ascends each
+  task's loss plus ``adv_ss_lambda`` * h, with h = mean_batch logdet(G^T G + 1e-5 I) and G the
+  per-sample L2-normalised input gradients of the tasks. The model minimises (sum of clean and
+  adversarial CEs) / (2 * tasks) + lambda * h, h recomputed on the final adversarial views (double
+  backward).
 
 Every method trains a ``PretextNet`` and exports a plain ``ImageClassifier`` (keys ``normalize.*``,
 ``features.*``, ``head.*``), so ``model.init_from`` + ``load_backbone`` fine-tune it with a new head.
@@ -61,7 +62,7 @@ from torch import nn
 from ..attacks import attack_kwargs, pgd
 from ..attacks.pgd import ascend, attack_mode, random_start
 from ..dist import unwrap
-from ..models import ImageClassifier, block_names, build_model
+from ..models import ImageClassifier, build_model, stage_names
 from ..pretext import jigsaw, jigsaw_permutations, rotate, selfie_positions, to_tiles
 from .base import Method
 
@@ -167,7 +168,7 @@ class PretextNet(nn.Module):
 
     ``forward(views, positions)`` maps {task: images} to {task: scores}: logits [B, 4] (rotation),
     [B, perms + 1] (jigsaw), selfie scores [B, T, T] (``positions`` from ``selfie_positions``). With
-    ``branch_blocks`` = k > 0, each of the backbone's last k blocks becomes a ``TaskBlocks`` holding one
+    ``branch_blocks`` = k > 0, each of the backbone's last k stages becomes a ``TaskBlocks`` holding one
     copy per rotation / jigsaw task; the features' own forward runs unchanged around it, so any model
     of the registry splits the same way. Selfie skips those blocks: it pools the trunk output, as the
     authors' ensemble does (with k = 0, as in the single task, the whole backbone). State keys:
@@ -188,7 +189,7 @@ class PretextNet(nn.Module):
         self.tasks, self.feature_dim = tasks, model.feature_dim
         self.normalize, self.features = model.normalize, model.features
         if branch_blocks:
-            blocks = block_names(model)
+            blocks = stage_names(model)  # whole stages (ResNet-50's layer4 as the authors), not residual units
             if not 1 <= branch_blocks < len(blocks):
                 raise ValueError(f"ensemble_branch_blocks={branch_blocks}: the trunk needs one of the model's "
                                  f"{len(blocks)} blocks ({', '.join(blocks)})")

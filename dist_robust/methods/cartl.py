@@ -10,13 +10,14 @@ tuned block (k = ``model.last_k``, the same k as ``configure_finetuning(trainabl
    every conv/linear layer there spectrally normalised (W_SN = beta * W / sigma(W)) so the tuned part
    does not amplify feature perturbations; the frozen part's BN keeps the source statistics.
 
-Block counting: CARTL's code counts the FC layer as a block (its k = 4 on WRN-34-10 tunes two residual
-layers, the final BN-ReLU and the FC), ours does not (the head always trains with the last k blocks), so
-CARTL's k is our ``last_k + 1`` where the block granularities agree.
+Block counting (``dist_robust.models.block_names``): for the ResNet family k counts as CARTL's code
+does, residual units, the final BN-ReLU of a pre-activation net and the FC (k = 4 on WRN-34-10 tunes
+its last two units, the final BN-ReLU and the head; k = 1 the head alone, cut at its input). The small
+CNNs count their stages, without the head, which trains with their last k anyway.
 
 Config keys read (defaults in brackets):
-- ``model.last_k`` (1): how many backbone blocks are tuned; the cut is at the first one's input.
-- ``method.cartl_lambda`` (0.01): weight of the feature-distance term (stage 1).
+- ``model.last_k`` (1): how many blocks are tuned; the cut is at the first one's input.
+- ``method.cartl_lambda`` (0.01): weight of the feature-distance term, summed over the global batch (stage 1).
 - ``method.sn_beta`` (1.0): the spectral-norm bound beta (stage 2; the GTSRB script uses 0.4).
 - ``method.sn_power_iters`` (1): power iterations per training forward (stage 2).
 - ``model.tuned_bn`` (auto = train): BN policy of the tuned part (stage 2; ``dual`` is refused).
@@ -35,7 +36,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
 
 from ..attacks import attack_kwargs, pgd
-from ..dist import unwrap
+from ..dist import unwrap, world_size
 from ..models import block_names
 from ..models.partial import configure_finetuning
 from .base import Method, ce_with_metrics
@@ -100,7 +101,7 @@ def feature_distance(r_adv: torch.Tensor, r_clean: torch.Tensor) -> torch.Tensor
 
 
 class CARTLFeatureDistance(Method):
-    """Stage 1: loss = CE(f(x_adv), y) + lambda * sum_i ||r_adv,i - r_clean,i||_2 / sqrt(d).
+    """Stage 1: loss = CE(f(x_adv), y) + lambda * sum_i ||r_adv,i - r_clean,i||_2 / sqrt(d), i over the global batch.
 
     x_adv is PGD from ``cfg.attack`` on the unwrapped model in eval mode (as PGD-AT); then the
     adversarial and the clean batch go through the training model in train mode, and the hook reads
@@ -108,10 +109,12 @@ class CARTLFeatureDistance(Method):
     feature term (there is no clean CE; its logits are for monitoring), so BN's running statistics see
     both batches, the adversarial one first, as in the authors' code.
 
-    DDP: the penalty is a *sum* over the rank's batch while the CE is a mean, so its relative weight
-    grows with the per-rank batch (DDP then averages the ranks' gradients). lambda = 0.01 was tuned
-    for batch 128 on one GPU: keep the per-rank batch at 128, or scale lambda by 128 / per-rank batch
-    to keep the paper's balance.
+    DDP: the penalty is a sum over the *global* batch (``data.batch_size``), as the authors' sum over
+    their single-GPU batch of 128. Each rank sums over its own part and DDP *averages* the ranks'
+    gradients, so the rank's sum is multiplied by the world size; the CE is a mean over the rank's batch,
+    which DDP's average already makes the global mean. The gradient is then the same for any number of
+    ranks at the same global batch. The sum still makes the penalty's weight grow with the global batch:
+    lambda = 0.01 is the paper's at a global batch of 128 (scale it by 128 / data.batch_size otherwise).
 
     Metrics: ``loss_sum``, ``correct`` (on the adversarial batch, the robust training accuracy CARTL
     selects on), ``n``, plus ``clean_correct`` and ``feature_dist_sum`` (sum of the per-sample
@@ -141,7 +144,8 @@ class CARTLFeatureDistance(Method):
                                    "expected 2 (is the model in training mode?)")
             r_adv, r_clean = cut.features
         dist = feature_distance(r_adv, r_clean)
-        loss = F.cross_entropy(adv_logits, y) + self.lam * dist.sum()
+        # x world size: DDP averages the ranks' gradients, and the penalty is a sum over the global batch.
+        loss = F.cross_entropy(adv_logits, y) + self.lam * world_size() * dist.sum()
         with torch.no_grad():
             metrics = {"loss_sum": loss.detach() * len(y), "correct": (adv_logits.argmax(1) == y).sum(),
                        "n": torch.tensor(len(y)), "clean_correct": (clean_logits.argmax(1) == y).sum(),
@@ -175,8 +179,9 @@ def apply_spectral_norm(model: nn.Module, last_k: int, beta: float = 1.0, head: 
     sigma is torch's spectral-norm estimate on the weight reshaped to [out, -1] (15 power iterations at
     registration, then ``n_power_iterations`` per training forward; eval forwards reuse u and v). On a
     conv this bounds the reshaped matrix, not the conv operator: the usual approximation, as in the
-    paper. The head is included by default because CARTL's FC is one of its last k blocks. Under DDP
-    u and v are buffers, re-broadcast from rank 0 at each forward (``broadcast_buffers=True``).
+    paper. The head is included by default (``head=False``: never), as CARTL's FC is one of its last k
+    blocks. Under DDP u and v are buffers, re-broadcast from rank 0 at each forward
+    (``broadcast_buffers=True``).
     """
     if beta <= 0:
         raise ValueError(f"spectral-norm beta must be > 0, got {beta}")
@@ -184,7 +189,7 @@ def apply_spectral_norm(model: nn.Module, last_k: int, beta: float = 1.0, head: 
     blocks = block_names(net)
     if not 1 <= last_k <= len(blocks):
         raise ValueError(f"last_k={last_k} but the model has {len(blocks)} blocks: {', '.join(blocks)}")
-    roots = blocks[-last_k:] + (["head"] if head else [])
+    roots = [b for b in blocks[-last_k:] if b != "head"] + (["head"] if head else [])  # the head: once
     wrapped = []
     for root in roots:
         # A list first: registering a parametrisation adds submodules to the tree being walked.

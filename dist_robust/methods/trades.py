@@ -1,10 +1,19 @@
 """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' the adversary's point.
 
 The adversary is ``attack.loss``: ``kl`` is the reference (maximise the KL to the clean prediction,
-started at x + 0.001 N(0, I)); ``ce`` is the CE-PGD adversary that the TWINS and Adv-SS code use.
+started at x + 0.001 N(0, I) whatever ``attack.random_start`` says: at x itself the KL and its gradient
+are zero up to rounding, and PGD's first sign step would follow rounding noise); ``ce`` is the CE-PGD adversary that the TWINS and
+Adv-SS code use (its start follows ``attack.random_start``).
 The KL term is ``nn.KLDivLoss`` on (log_softmax(f(x')), softmax(f(x))) with the clean branch not
 detached, reduced by ``method.kl_reduction``: ``batchmean`` (sum / local batch, the reference's
 ``size_average=False`` then ``/ batch_size``), ``sum``, or ``mean`` (over batch x classes).
+
+Forward order: one clean training forward, then the adversarial one; the clean logits serve both the
+CE and the KL target. The reference ``trades_loss`` runs three: clean (the CE), adversarial, then
+clean again (the KL target), so its clean forward comes last. The difference is in BN running
+statistics only: a training forward normalises with its own batch's statistics, so the second clean
+forward repeats the first and the loss and the gradients are the same; but the reference folds the
+clean batch into the running statistics last (three updates a step), we the adversarial batch (two).
 """
 import torch
 import torch.nn.functional as F
@@ -30,7 +39,10 @@ def trades_adversary(model, x, y, attack_cfg, bn_branch=None) -> torch.Tensor:
     a = attack_cfg
     kw = attack_kwargs(a)
     delta0 = None
-    if a.loss == "kl" and a.random_start:  # the reference's start: a small Gaussian, not the uniform ball
+    if a.loss == "kl":
+        # The reference's start: a small Gaussian, not the uniform ball, and never x itself (even with
+        # attack.random_start=false): the KL to the clean prediction is minimal there, its gradient zero
+        # up to rounding, and a sign step would follow the rounding noise.
         delta0 = 0.001 * torch.randn_like(x)
     return pgd(model, x, y, a.eps, a.steps, delta0=delta0, bn_branch=bn_branch, **kw)
 

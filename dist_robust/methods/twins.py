@@ -8,9 +8,16 @@ rank's batch through the frozen wing, the second half through the adaptive wing.
 - TWINS-TRADES: lambda * CE(frozen, clean_1) + CE(adaptive, clean_2)
                 + beta * (lambda * KL(clean_1 || adv_1) + KL(clean_2 || adv_2)), each KL summed over
                 its half and reduced over the *full* local batch (``method.kl_reduction``; the code's
-                sum / B). The clean forward comes first, as in the code, so the adaptive wing's
-                running statistics see the clean batch, then the adversarial one.
+                sum / B).
 Evaluation and export use the adaptive wing.
+
+Forward order (TWINS-TRADES): we run the clean batch, then the adversarial one; the authors'
+``train-TWINS-TRADES.py`` runs the adversarial batch first and the clean one last. The difference is
+in BN running statistics only: each training forward normalises with its own batch's statistics
+(adaptive wing) or the fixed source statistics (frozen wing), so the logits, the loss and the
+gradients are the same in either order, but the adaptive wing's running statistics fold in the
+adversarial batch last here (weight m, BN's momentum; the clean batch m(1 - m)) and the clean batch
+last in the authors' code. Those statistics are what the eval-mode attack and the evaluation use.
 """
 import torch.nn.functional as F
 

@@ -5,14 +5,22 @@ mean/std as buffers, ``features`` is the backbone ([B, C, H, W] -> [B, D]) and `
 ``nn.Linear(D, num_classes)``. The split is what fine-tuning needs: the backbone moves from a source
 checkpoint to a target task (``load_backbone``) and the head is replaced.
 
-Blocks (``block_names``) are the backbone's top-level children that own parameters, in forward order;
-together they hold every backbone parameter exactly once. Per architecture:
+Stages (``stage_names``) are the backbone's top-level children that own parameters, in forward order;
+together they hold every backbone parameter exactly once (Adv-SS's ensemble branches the last ones).
 
-- cnn3:            features.stage1, features.stage2, features.stage3 (the three conv-BN-ReLU stages)
-- resnet_small:    features.stem, features.stage1, features.stage2, features.stage3
-- preact_resnet18: features.conv1 (stem), features.layer1 .. features.layer4, features.bn (final BN)
-- wrn34_10:        features.conv1 (stem), features.block1 .. features.block3, features.bn1 (final BN)
-- resnet50:        features.conv1, features.bn1 (the stem), features.layer1 .. features.layer4
+Blocks (``block_names``) are what ``model.last_k`` and CARTL's k count. The ResNet family counts as
+CARTL does (wutongshenqiu/TransferRobust, src/networks/utils.py: ``WRNBlocks`` and ``Resnet18Block``):
+every residual unit is a block, then the final BN-ReLU of a pre-activation net, then the head (their
+FC); the stem is never one. The small CNNs keep their stages as blocks, without the head (which still
+trains with the last k). Per architecture:
+
+- cnn3:            features.stage1 .. stage3 (3 conv-BN-ReLU stages; the head is not a block)
+- resnet_small:    features.stem, features.stage1 .. stage3 (the head is not a block)
+- preact_resnet18: features.layer1.0 .. layer4.1 (8 units), features.bn (final BN-ReLU), head: 10
+- wrn34_10:        features.block1.layer.0 .. block3.layer.4 (15 units), features.bn1, head: 17, as
+                   CARTL's WRN-34-10 (3n + 2)
+- resnet50:        features.layer1.0 .. layer4.2 (16 bottlenecks), head: 17 (post-activation: no
+                   final BN, as the official post-activation ResNet-18's 8 units + FC = 9)
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from .resnet import PreActResNet18, resnet50, wrn34_10
 from .small import CNN3, ResNetSmall
 
 __all__ = ["MODELS", "ImageClassifier", "Normalize", "block_names", "build_model", "head_parameter_names",
-           "load_backbone", "model_from_state"]
+           "load_backbone", "model_from_state", "stage_names"]
 
 # name -> constructor(in_channels, **kwargs) of a backbone exposing ``out_features``. Every backbone
 # ends in global average pooling, so none needs the image size.
@@ -131,12 +139,22 @@ def head_parameter_names(model: ImageClassifier) -> list[str]:
     return [f"head.{n}" for n, _ in model.head.named_parameters()]
 
 
-def block_names(model: ImageClassifier) -> list[str]:
-    """The backbone's blocks as module names in ``model`` (e.g. ``features.stage1``), in forward order;
-    see the module docstring for each architecture. A block's parameters are those whose names start
-    with ``name + "."``; ``model.get_submodule(name)`` gives the block."""
+def stage_names(model: ImageClassifier) -> list[str]:
+    """The backbone's top-level children with parameters as module names in ``model`` (e.g.
+    ``features.stage1``), in forward order. A stage's parameters are those whose names start with
+    ``name + "."``; ``model.get_submodule(name)`` gives the stage."""
     return [f"features.{n}" for n, m in model.features.named_children()
             if next(m.parameters(), None) is not None]
+
+
+def block_names(model: ImageClassifier) -> list[str]:
+    """The blocks ``model.last_k`` and CARTL's k count, as module names in ``model``, in forward order
+    (see the module docstring). A backbone that lists its ``blocks`` (the ResNet family: residual units,
+    then the final BN if any) ends with the head, as CARTL counts; the others' blocks are their stages."""
+    units = getattr(model.features, "blocks", None)
+    if units is None:
+        return stage_names(model)
+    return [f"features.{u}" for u in units] + ["head"]
 
 
 def model_from_state(name: str, state: dict[str, torch.Tensor]) -> ImageClassifier:

@@ -1,7 +1,9 @@
 """Which part of a model fine-tuning trains, and what each part's BatchNorm does.
 
 The **tuned part** is the whole model (``all``), the head only (``head``: linear probing), the last
-k backbone blocks plus the head (``last_k``: partial fine-tuning; blocks from ``block_names``) or
+k blocks plus the head (``last_k``: partial fine-tuning; blocks from ``block_names``, where the ResNet
+family counts residual units and the head as CARTL does: k = 4 on WRN-34-10 is its last two units,
+the final BN-ReLU and the head) or
 named modules (``modules``: e.g. RiFT's one least robustness-critical convolution). The rest is the
 **frozen part**: its parameters get ``requires_grad=False``.
 
@@ -48,7 +50,8 @@ def tuned_module_names(model: nn.Module, trainable: str, last_k: int = 1, module
         blocks = block_names(model)
         if not 1 <= last_k <= len(blocks):
             raise ValueError(f"last_k={last_k} but the model has {len(blocks)} blocks: {', '.join(blocks)}")
-        return blocks[-last_k:] + ["head"]
+        tuned = blocks[-last_k:]
+        return tuned if "head" in tuned else tuned + ["head"]  # the head is a block of the ResNet family
     if trainable == "modules":
         known = dict(model.named_modules())
         unknown = [n for n in modules if n not in known or n == ""]

@@ -5,6 +5,10 @@ Each maps [B, C, H, W] to a flat [B, out_features] vector (the classifier layer 
 so 28x28 inputs work too; at 32x32 this is identical to the papers' fixed pooling. Submodule names
 follow the reference code (Rice et al.'s PreActResNet, TRADES' WideResNet, torchvision), so their
 checkpoints map onto ``features.*`` by adding a prefix and dropping the classifier.
+
+Each also lists its ``blocks``: the submodule names of its residual units in forward order, then its
+final BN(-ReLU) if it has one, the units of partial fine-tuning and CARTL as CARTL's code counts them
+(``dist_robust.models.block_names`` adds the head).
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ class PreActResNet18(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.bn = nn.BatchNorm2d(512)
         self.out_features = 512
+        # The final BN-ReLU is a block, as in CARTL's pre-activation WRN (their ResNet-18 has none).
+        self.blocks = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2)) + ("bn",)
 
     def forward(self, x):
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
@@ -119,6 +125,8 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(w[3])
         self.relu = nn.ReLU(inplace=True)
         self.out_features = w[3]
+        # CARTL's WRNBlocks: the 3n units in order, then the final BN-ReLU (then the FC: 3n + 2 blocks).
+        self.blocks = tuple(f"block{g}.layer.{i}" for g in range(1, 4) for i in range(n)) + ("bn1",)
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -143,4 +151,7 @@ def resnet50(in_channels: int) -> nn.Module:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     net.fc = nn.Identity()  # the classifier is the model's head
     net.out_features = 2048
+    # Every bottleneck, as CARTL's Resnet18Block counts every basic block: post-activation, no final BN.
+    net.blocks = tuple(f"{layer}.{i}" for layer in ("layer1", "layer2", "layer3", "layer4")
+                       for i in range(len(getattr(net, layer))))
     return net
