@@ -70,7 +70,8 @@ def main() -> None:
     for i, q in enumerate(pairs):
         print(f"| {i} | {q['ours_s']:.1f} | {q['reference_s']:.1f} | {q['ratio']:.2f} | "
               f"{q['ours_robust']} / {q['reference_robust']} | {q['points_differing']} |")
-    print(f"median ratio {summary['median_ratio']:.2f} (min {summary['min_ratio']:.2f}, max {summary['max_ratio']:.2f})")
+    print(f"median ratio {summary['median_ratio']:.2f} "
+          f"(min {summary['min_ratio']:.2f}, max {summary['max_ratio']:.2f})")
     out = Path(__file__).parent / "results" / "autoattack.json"
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "machine": platform.node(),
                                "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

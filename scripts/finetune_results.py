@@ -93,15 +93,14 @@ def remeasure_aa(recipe: Path, seed: int, row: dict, nproc: int, aa_limit: int) 
     out = run_dir(recipe, name)
     if not (out / "results.json").is_file():
         torchrun(nproc, "train", str(recipe), f"train.seed={seed}", f"run.name={name}", "eval.attacks=[clean]")
-    clean = json.loads((out / "results.json").read_text())["clean"]["acc"]
+    res = json.loads((out / "results.json").read_text())
     aa_file = out / f"aa{aa_limit}-fra31.json"
     if not aa_file.is_file():
-        torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", json.loads((out / "results.json").read_text())[
-            "dataset"], "--attacks", "clean,aa", "--limit", str(aa_limit), "--aa-block-size", str(-(-aa_limit // nproc)),
-            "--out", str(aa_file))
+        torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", res["dataset"], "--attacks", "clean,aa",
+                 "--limit", str(aa_limit), "--aa-block-size", str(-(-aa_limit // nproc)), "--out", str(aa_file))
     aa = json.loads(aa_file.read_text())
     return dict(row, aa_torchattacks=row["aa"], aa=aa["attacks"]["aa"]["acc"], aa_s=aa["seconds"],
-                aa_backend=aa["attacks"]["aa"]["backend"], same_model=abs(clean - row["clean"]) < 1e-9)
+                aa_backend=aa["attacks"]["aa"]["backend"], same_model=abs(res["clean"]["acc"] - row["clean"]) < 1e-9)
 
 
 def summary(values: list[float]) -> str:

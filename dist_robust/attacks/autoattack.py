@@ -70,7 +70,8 @@ def attacks_of(version: str) -> tuple[str, ...]:
 def settings(version: str, norm: str, n_classes: int = 10) -> dict:
     """Each attack's budget as the reference configures it (recorded in results files)."""
     r = reference(None, 0.1, norm, version, n_classes=n_classes)
-    apgd = {"n_iter": r.apgd.n_iter, "n_restarts": r.apgd.n_restarts, "eot_iter": r.apgd.eot_iter, "rho": r.apgd.thr_decr}
+    apgd = {"n_iter": r.apgd.n_iter, "n_restarts": r.apgd.n_restarts, "eot_iter": r.apgd.eot_iter,
+            "rho": r.apgd.thr_decr}
     out = {"apgd-ce": apgd, "apgd-dlr": apgd,
            "apgd-t": {"n_iter": r.apgd_targeted.n_iter, "n_restarts": r.apgd_targeted.n_restarts,
                       "n_target_classes": r.apgd_targeted.n_target_classes, "rho": r.apgd_targeted.thr_decr},
