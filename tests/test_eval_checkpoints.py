@@ -1,6 +1,6 @@
 """`dist-robust eval` of every checkpoint the project writes: epoch, step and exported models of every
 method family (TWINS' two BN wings, CARTL's spectral norm, RiFT's stages), or a one-line refusal (exit 2)
-that names the file to use (Adv-SS pretext models)."""
+that names the file to use (Adv-SS pretext models); and the near-chance warning at the end of a run."""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dist_robust.cli import main
-from dist_robust.engine.train import exported_model
+from dist_robust.engine.train import chance_warning, exported_model
 from dist_robust.models import build_model, load_state_strict
 
 # One tiny pipeline (digits, 4 steps per stage) holds a checkpoint of every kind.
@@ -100,3 +100,17 @@ def test_twins_checkpoint_holds_two_different_wings_and_a_plain_model_refuses_it
     with pytest.raises(ValueError, match="does not fit") as e:
         load_state_strict(build_model("cnn3", 1, 10, [0.0], [1.0]), state, "cnn3")
     assert len(str(e.value)) < 500 and "\n" not in str(e.value)
+
+
+def test_chance_warning():
+    assert chance_warning(0.97, 10) is None and chance_warning(0.2, 10) is None
+    assert "12.0% is near chance (1/10 = 10.0%)" in chance_warning(0.12, 10)
+    assert chance_warning(0.54, 2) and not chance_warning(0.56, 2)
+
+
+def test_a_run_that_learns_nothing_ends_with_a_warning(tmp_path, tiny, capsys):
+    args = ["train", "configs/quickstart.yaml", *tiny, "data.subset=64", "train.threads=1",
+            f"run.out_dir={tmp_path}", "run.name=short"]
+    assert main(args) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "near chance" in line]
+    assert len(warnings) == 1 and "short: clean accuracy" in warnings[0]

@@ -237,8 +237,22 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     dist.barrier()
     if not cfg.eval.at_end:
         return None
-    return evaluate_run(cfg, exported, device, checkpoint=str(final), out=run_dir / "results.json",
-                        journal=journal)
+    results = evaluate_run(cfg, exported, device, checkpoint=str(final), out=run_dir / "results.json",
+                           journal=journal)
+    warning = chance_warning(results["clean"]["acc"], exported.head.out_features)
+    if warning and dist.is_main():
+        log.warning("%s: %s", cfg.run.name, warning)
+    return results
+
+
+def chance_warning(acc: float, classes: int) -> str | None:
+    """One line when a trained model's clean accuracy is near chance (less than a tenth of the way from
+    1/classes to 100%): a run too short or a learning rate too small otherwise ends without a sign."""
+    chance = 1 / classes
+    if acc >= chance + 0.1 * (1 - chance):
+        return None
+    return (f"clean accuracy {100 * acc:.1f}% is near chance (1/{classes} = {100 * chance:.1f}%): the model has "
+            "barely learned; train longer (train.epochs, data.subset) or check optim.lr")
 
 
 def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal=None) -> dict:
