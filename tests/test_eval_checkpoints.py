@@ -2,13 +2,16 @@
 method family (TWINS' two BN wings, CARTL's spectral norm, RiFT's stages), or a one-line refusal (exit 2)
 that names the file to use (Adv-SS pretext models); and the near-chance warning at the end of a run."""
 import json
+import os
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import TINY, run_ranks
 from dist_robust.cli import main
+from dist_robust.config import load_config
 from dist_robust.engine.train import chance_warning, exported_model
 from dist_robust.models import build_model, load_state_strict
 
@@ -114,3 +117,30 @@ def test_a_run_that_learns_nothing_ends_with_a_warning(tmp_path, tiny, capsys):
     assert main(args) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "near chance" in line]
     assert len(warnings) == 1 and "short: clean accuracy" in warnings[0]
+
+
+def _train_worker(rank, world, out_dir):
+    """Trains on 2 ranks and keeps the state of the model each rank evaluates at the end."""
+    from dist_robust.engine import train as engine
+    evaluate_run, seen = engine.evaluate_run, {}
+
+    def spy(cfg, model, *args, **kwargs):
+        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+        return evaluate_run(cfg, model, *args, **kwargs)
+
+    engine.evaluate_run = spy
+    cfg = load_config("configs/quickstart.yaml", [*TINY, "data.subset=256", "data.batch_size=32",
+                                                  f"run.out_dir={out_dir}", "run.name=two"], world_size=world)
+    engine.train(cfg, torch.device("cpu"))
+    torch.save(seen, os.path.join(out_dir, f"evaluated{rank}.pt"))
+
+
+def test_every_rank_evaluates_the_exported_model_itself(tmp_path):
+    """Each rank's BN statistics differ after its last step: results.json must be the evaluation of
+    model.json (rank 0's), on every rank's shard."""
+    run_ranks(_train_worker, 2, str(tmp_path))
+    exported = load_file(tmp_path / "two" / "model.safetensors")
+    for rank in (0, 1):
+        evaluated = torch.load(tmp_path / f"evaluated{rank}.pt")
+        assert evaluated.keys() == exported.keys()
+        assert all(torch.equal(evaluated[k], exported[k]) for k in exported), f"rank {rank}"

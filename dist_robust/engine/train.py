@@ -230,6 +230,10 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         if dist.is_main():
             remove_step_checkpoints(ckpt_dir)  # superseded by the epoch's own
 
+    # Ranks' BN running statistics differ after their last step (DDP broadcasts rank 0's before each
+    # forward, then every rank updates its own). model.json holds rank 0's, and every rank evaluates
+    # its shard of model.json: without this, rank 1's points met other statistics.
+    dist.broadcast_buffers(model)
     exported = export_plain(method.export(model))  # plain BN layers: dual -> adaptive wing, sync -> local
     final = run_dir / "model.json"
     if dist.is_main():
