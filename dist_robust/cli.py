@@ -62,8 +62,13 @@ def _parser() -> argparse.ArgumentParser:
 def _eval_config(args):
     """The checkpoint's stored config, with the evaluation settings of the command line."""
     from .engine.checkpoint import read_sidecar, resolve
+    from .methods import METHODS
     sidecar = resolve(args.checkpoint)
     cfg = from_dict(read_sidecar(sidecar)["config"])
+    if cfg.method.name in METHODS and METHODS[cfg.method.name].pretext:
+        run = sidecar.parent.parent if sidecar.parent.name == "checkpoints" else sidecar.parent
+        raise ConfigError(f"{sidecar} is a pretext model ({cfg.method.name}): its head predicts the pretext task, "
+                          f"not classes; fine-tune it (model.init_from={run / 'model.json'}) and evaluate that run")
     cfg.data.name, cfg.data.root = args.dataset, args.root if args.root is not None else cfg.data.root
     cfg.model.init_from = None
     cfg.eval.split, cfg.eval.limit, cfg.eval.seed = args.split, args.limit, args.seed
@@ -80,24 +85,23 @@ def _eval_config(args):
     validate(cfg, training=False)  # world size 1: the only world-size check concerns the training batch
     from .data import dataset_info
     from .engine.checkpoint import model_header
+    from .models import head_classes
     info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
     shapes = model_header(sidecar)
-    classes = shapes.get("head.weight", [info.num_classes])[0]
+    classes = head_classes(shapes) or info.num_classes
     channels = shapes.get("normalize.mean", [1, info.channels])[1]
     if (classes, channels) != (info.num_classes, info.channels):
         raise ConfigError(f"--dataset={cfg.data.name}: {info.num_classes} classes of {info.channels}-channel images; "
                           f"the checkpoint's model expects {classes} and {channels}")
-    out = Path(args.out) if args.out else sidecar.parent / f"eval-{args.dataset}-{args.split}.json"
+    # Epoch and step checkpoints share a folder: each gets its own results (and AutoAttack state).
+    suffix = "" if sidecar.stem == "model" else f"-{sidecar.stem}"
+    out = Path(args.out) if args.out else sidecar.parent / f"eval-{args.dataset}-{args.split}{suffix}.json"
     return cfg, sidecar, out
 
 
 def _run_eval(cfg, sidecar, out, device):
-    from .engine.checkpoint import load_checkpoint
-    from .engine.train import evaluate_run
-    from .models import model_from_state
-    state, _ = load_checkpoint(sidecar)
-    model = model_from_state(cfg.model.name, state)
-    return evaluate_run(cfg, model.to(device), device, checkpoint=str(sidecar), out=out)
+    from .engine.train import evaluate_run, exported_model
+    return evaluate_run(cfg, exported_model(sidecar, device), device, checkpoint=str(sidecar), out=out)
 
 
 def _prepare(args) -> int:

@@ -362,7 +362,8 @@ def _check_run_folder(cfg: Config) -> None:
 def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), training: bool = True) -> None:
     """Impossible values, caught before any rank starts. Imports are local: config stays light.
     ``pending``: paths that an earlier stage of the same recipe will create. ``training``: the run
-    writes its folder (evaluation only reads a checkpoint)."""
+    writes its folder and reads its sources (evaluation only reads a checkpoint: the checks of what
+    training needs, such as model.init_from, are skipped)."""
     from .data import DATASETS
     from .methods import METHODS
     from .models import MODELS
@@ -414,7 +415,7 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     _check(m.last_k >= 1, "model.last_k", m.last_k, "must be >= 1")
     _check((m.trainable == "modules") == bool(m.modules), "model.modules", m.modules,
            "names the tuned modules when model.trainable=modules, and only then")
-    _check("lowest_mrc" not in m.modules or (m.modules == ["lowest_mrc"] and m.init_from is not None),
+    _check("lowest_mrc" not in m.modules or (m.modules == ["lowest_mrc"] and (m.init_from or not training)),
            "model.modules", m.modules, "lowest_mrc stands alone and needs model.init_from (a rift_mrc stage)")
     _check(m.frozen_bn in BN_POLICIES[:3], "model.frozen_bn", m.frozen_bn,
            f"must be one of {', '.join(BN_POLICIES[:3])}")
@@ -500,11 +501,11 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     _check(cfg.run.device in ("auto", "cpu", "cuda"), "run.device", cfg.run.device, "must be auto, cpu or cuda")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
            "run.name", cfg.run.name, "must be a plain folder name")
-    for key, path in (("model.init_from", cfg.model.init_from), ("rift.robust_from", cfg.rift.robust_from)):
-        _check(path is None or Path(path).exists() or path in pending, key, path, "no such file or folder")
-        if path is not None and path not in pending:
-            _check_source(cfg, key, path, source.info if not source.info.needs_root else None)
-    if training:
+    if training:  # evaluation reads the checkpoint alone, not the sources it was trained from
+        for key, path in (("model.init_from", cfg.model.init_from), ("rift.robust_from", cfg.rift.robust_from)):
+            _check(path is None or Path(path).exists() or path in pending, key, path, "no such file or folder")
+            if path is not None and path not in pending:
+                _check_source(cfg, key, path, source.info if not source.info.needs_root else None)
         _check_run_folder(cfg)
     r = cfg.rift
     _check(r.eps_w >= 0, "rift.eps_w", r.eps_w, "must be >= 0")
@@ -524,10 +525,12 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     except ValueError:
         iterative = False
     _check(iterative, "rift.select_attack", r.select_attack, "must be pgd-K or cw-K")
-    _check(cfg.stage.kind != "rift_interpolate" or (r.robust_from and cfg.model.init_from), "rift.robust_from",
-           r.robust_from, "rift_interpolate needs the robust model (rift.robust_from) and the tuned one (model.init_from)")
-    _check(cfg.stage.kind != "rift_mrc" or cfg.model.init_from, "model.init_from", cfg.model.init_from,
-           "rift_mrc measures a trained model: model.init_from names it")
+    if training:  # a RiFT stage's model evaluates like any other
+        _check(cfg.stage.kind != "rift_interpolate" or (r.robust_from and cfg.model.init_from), "rift.robust_from",
+               r.robust_from, "rift_interpolate needs the robust model (rift.robust_from) and the tuned one "
+               "(model.init_from)")
+        _check(cfg.stage.kind != "rift_mrc" or cfg.model.init_from, "model.init_from", cfg.model.init_from,
+               "rift_mrc measures a trained model: model.init_from names it")
 
 
 def _check_adv_ss(cfg: Config, methods: dict, datasets: dict) -> None:

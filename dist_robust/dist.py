@@ -110,6 +110,14 @@ def broadcast_object(obj):
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BN running statistics, ...) in ``module`` on every rank, in place."""
+    if dist.is_initialized():
+        with torch.no_grad():
+            for b in module.buffers():
+                dist.broadcast(b, src=0)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under a DDP (or similar) wrapper: attacks and checkpoints use it."""
     return getattr(model, "module", model)

@@ -16,11 +16,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist
-from ..config import Config, to_dict, to_yaml
+from ..config import Config, from_dict, to_dict, to_yaml
 from ..data import dataset_info, load_split
 from ..data.select import ffcv_eval_loader, resolve_loader, train_loader
 from ..methods import build_method
-from ..models import build_model, load_backbone
+from ..models import build_model, head_classes, load_backbone, load_state_strict, model_from_state
 from ..models.dual_bn import export_plain
 from ..models.partial import configure_finetuning
 from ..models.sync_bn import convert_sync_bn
@@ -51,6 +51,40 @@ def build(cfg: Config, device: torch.device):
         log.info("initialised from %s (trained on %s)", cfg.model.init_from,
                  meta.get("config", {}).get("data", {}).get("name", "?"))
     return train_set, model.to(device)
+
+
+def training_form(cfg: Config, model, method, device: torch.device):
+    """A built model in the form its run trains and checkpoints: synchronised BN, the fine-tuning part
+    and its BN policies (TWINS' two wings), then the method's own changes (CARTL's spectral norm, Adv-SS'
+    pretext network). ``export_plain(method.export(...))`` turns it back into a plain model."""
+    m = cfg.model
+    if m.sync_bn:  # before the BN policies: frozen layers keep their hooks and stay local in eval mode
+        model = convert_sync_bn(model)
+    tuned_bn = m.tuned_bn if m.tuned_bn != "auto" else ("dual" if method.uses_dual_bn else "train")
+    modules = m.modules
+    if modules == ["lowest_mrc"]:
+        from .rift_stages import lowest_mrc_module
+        modules = [lowest_mrc_module(m.init_from)]
+        log.info("fine-tuning only %s, the lowest-MRC module of %s", modules[0], m.init_from)
+    return method.prepare(configure_finetuning(model, m.trainable, m.last_k, m.frozen_bn, tuned_bn, modules).to(device))
+
+
+def exported_model(sidecar: Path, device: torch.device) -> torch.nn.Module:
+    """The plain model that a checkpoint stands for. An exported model (``model.json``) loads as it is.
+    A training checkpoint (epoch or step) holds the training form, which may not be a plain model's
+    (TWINS' two BN wings, CARTL's spectral-norm parametrisation): it is rebuilt from the run's config
+    and exported exactly as the run's end exports, so the last epoch's checkpoint is the run's model."""
+    state, meta = load_checkpoint(sidecar)
+    cfg = from_dict(meta["config"])
+    if "train_file" not in meta:
+        return model_from_state(cfg.model.name, state).to(device)
+    channels = state["normalize.mean"].numel()
+    classes = head_classes({k: v.shape for k, v in state.items()})
+    model = build_model(cfg.model.name, channels, classes, [0.0] * channels, [1.0] * channels)
+    method = build_method(cfg)
+    model = training_form(cfg, model, method, device)
+    load_state_strict(model, state, cfg.model.name)
+    return export_plain(method.export(model))
 
 
 def _progress(iterable, total, desc):
@@ -113,16 +147,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     rank, world = dist.rank(), dist.world_size()
     train_set, model = build(cfg, device)
     method = build_method(cfg)
-    m = cfg.model
-    if m.sync_bn:  # before the BN policies: frozen layers keep their hooks and stay local in eval mode
-        model = convert_sync_bn(model)
-    tuned_bn = m.tuned_bn if m.tuned_bn != "auto" else ("dual" if method.uses_dual_bn else "train")
-    modules = m.modules
-    if modules == ["lowest_mrc"]:
-        from .rift_stages import lowest_mrc_module
-        modules = [lowest_mrc_module(m.init_from)]
-        log.info("fine-tuning only %s, the lowest-MRC module of %s", modules[0], m.init_from)
-    model = method.prepare(configure_finetuning(model, m.trainable, m.last_k, m.frozen_bn, tuned_bn, modules).to(device))
+    model = training_form(cfg, model, method, device)
     o = cfg.optim
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay, nesterov=o.nesterov)
@@ -205,6 +230,10 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         if dist.is_main():
             remove_step_checkpoints(ckpt_dir)  # superseded by the epoch's own
 
+    # Ranks' BN running statistics differ after their last step (DDP broadcasts rank 0's before each
+    # forward, then every rank updates its own). model.json holds rank 0's, and every rank evaluates
+    # its shard of model.json: without this, rank 1's points met other statistics.
+    dist.broadcast_buffers(model)
     exported = export_plain(method.export(model))  # plain BN layers: dual -> adaptive wing, sync -> local
     final = run_dir / "model.json"
     if dist.is_main():
@@ -212,8 +241,22 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     dist.barrier()
     if not cfg.eval.at_end:
         return None
-    return evaluate_run(cfg, exported, device, checkpoint=str(final), out=run_dir / "results.json",
-                        journal=journal)
+    results = evaluate_run(cfg, exported, device, checkpoint=str(final), out=run_dir / "results.json",
+                           journal=journal)
+    warning = chance_warning(results["clean"]["acc"], exported.head.out_features)
+    if warning and dist.is_main():
+        log.warning("%s: %s", cfg.run.name, warning)
+    return results
+
+
+def chance_warning(acc: float, classes: int) -> str | None:
+    """One line when a trained model's clean accuracy is near chance (less than a tenth of the way from
+    1/classes to 100%): a run too short or a learning rate too small otherwise ends without a sign."""
+    chance = 1 / classes
+    if acc >= chance + 0.1 * (1 - chance):
+        return None
+    return (f"clean accuracy {100 * acc:.1f}% is near chance (1/{classes} = {100 * chance:.1f}%): the model has "
+            "barely learned; train longer (train.epochs, data.subset) or check optim.lr")
 
 
 def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal=None) -> dict:

@@ -33,8 +33,8 @@ from .normalize import Normalize
 from .resnet import PreActResNet18, resnet50, wrn34_10
 from .small import CNN3, ResNetSmall
 
-__all__ = ["MODELS", "ImageClassifier", "Normalize", "block_names", "build_model", "head_parameter_names",
-           "load_backbone", "model_from_state", "stage_names"]
+__all__ = ["MODELS", "ImageClassifier", "Normalize", "block_names", "build_model", "head_classes",
+           "head_parameter_names", "load_backbone", "load_state_strict", "model_from_state", "stage_names"]
 
 # name -> constructor(in_channels, **kwargs) of a backbone exposing ``out_features``. Every backbone
 # ends in global average pooling, so none needs the image size.
@@ -157,6 +157,24 @@ def block_names(model: ImageClassifier) -> list[str]:
     return [f"features.{u}" for u in units] + ["head"]
 
 
+def head_classes(shapes: dict[str, Sequence[int]]) -> int | None:
+    """The number of classes of a state's head ({name: shape}), or None if it has no ``head.*``. The
+    head's one matrix is its weight, also where it is reparametrised (CARTL's spectral norm keeps it as
+    ``head.parametrizations.weight.original``, beside the vectors ``_u`` and ``_v``)."""
+    return next((shape[0] for k, shape in shapes.items() if k.startswith("head.") and len(shape) == 2), None)
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """``model.load_state_dict(state, strict=True)``; a state that does not fit raises ValueError in one line."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])  # line 0 is only a heading
+        if len(detail) > 300:  # torch lists every key: a whole state's worth for another form of model
+            detail = detail[:300] + " ..."
+        raise ValueError(f"checkpoint does not fit model {name!r}: {detail}") from None
+
+
 def model_from_state(name: str, state: dict[str, torch.Tensor]) -> ImageClassifier:
     """Rebuild a trained model from its checkpoint state alone: channels from the stored mean,
     classes from the head (strict load: a state of another architecture raises)."""
@@ -165,9 +183,5 @@ def model_from_state(name: str, state: dict[str, torch.Tensor]) -> ImageClassifi
             raise ValueError(f"checkpoint state lacks {key}: not a dist_robust model")
     channels, classes = state["normalize.mean"].numel(), state["head.weight"].shape[0]
     model = build_model(name, channels, classes, [0.0] * channels, [1.0] * channels)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])  # line 0 is only a heading
-        raise ValueError(f"checkpoint does not fit model {name!r}: {detail}") from None
+    load_state_strict(model, state, name)
     return model
