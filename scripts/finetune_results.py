@@ -100,7 +100,8 @@ def remeasure_aa(recipe: Path, seed: int, row: dict, nproc: int, aa_limit: int) 
                  "--limit", str(aa_limit), "--aa-block-size", str(-(-aa_limit // nproc)), "--out", str(aa_file))
     aa = json.loads(aa_file.read_text())
     return dict(row, aa_torchattacks=row["aa"], aa=aa["attacks"]["aa"]["acc"], aa_s=aa["seconds"],
-                aa_backend=aa["attacks"]["aa"]["backend"], same_model=abs(res["clean"]["acc"] - row["clean"]) < 1e-9)
+                aa_backend=aa["attacks"]["aa"]["backend"], clean_now=res["clean"]["acc"],
+                same_model=abs(res["clean"]["acc"] - row["clean"]) < 1e-9)
 
 
 def summary(values: list[float]) -> str:
@@ -163,7 +164,8 @@ def main() -> None:
             write(table, args, out)
         stale = [(m, s) for m in args.methods.split(",") for s in args.seeds.split(",")
                  if args.remeasure_aa and s in rows.get(m, {}) and fra31(rows[m][s]) is None]
-        for source in ("source_at", "source_clean") if stale else ():
+        retrain = [m for m, s in stale if not (run_dir(folder / f"{m}.yaml", f"{m}-s{s}") / "results.json").is_file()]
+        for source in ("source_at", "source_clean") if retrain else ():
             ensure_source(pair, source, args.nproc)
         for method, seed in stale:
             rows[method][seed] = remeasure_aa(folder / f"{method}.yaml", int(seed), rows[method][seed], args.nproc,
