@@ -429,7 +429,8 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     local_batch = d.batch_size // max(world_size, 1)
     _check(not twins or local_batch % 2 == 0, "data.batch_size", d.batch_size,
            f"TWINS splits each rank's batch in two halves: the per-rank batch ({local_batch}) must be even")
-    _check(not twins or m.init_from is not None, "model.init_from", m.init_from,
+    # training only: an evaluation rebuilds a trained TWINS model from its checkpoint, with no source
+    _check(not (twins and training) or m.init_from is not None, "model.init_from", m.init_from,
            f"method.name={meth.name} fine-tunes a source model: without one its frozen BN wing would hold "
            "freshly initialised statistics (model.init_from names the source)")
     _check(meth.beta >= 0, "method.beta", meth.beta, "must be >= 0")
