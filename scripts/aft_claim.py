@@ -63,6 +63,8 @@ def one_run(dataset: str, recipe: str, epochs: int, seed: int, nproc: int) -> di
                      f"run.out_dir={out.parent}", f"run.name={name}"]
         if recipe == "aft":
             source = out.parent / f"source_clean-e{SOURCE_EPOCHS}-s{seed}"
+            if not (source / "results.json").is_file():
+                one_run(dataset, "source_clean", SOURCE_EPOCHS, seed, nproc)
             overrides.append(f"model.init_from={source}")
         torchrun(nproc, "train", str(CONFIGS / f"{recipe}.yaml"), *overrides)
     res = json.loads((out / "results.json").read_text())
@@ -74,6 +76,8 @@ def autoattack(dataset: str, recipe: str, epochs: int, seed: int, nproc: int, aa
     """fra31's standard AutoAttack on the first aa_limit test points of a trained run."""
     out = run_dir(dataset, recipe, epochs, seed)
     aa_file = out / f"aa{aa_limit}.json"
+    if not (out / "results.json").is_file():  # recorded in results/aft_claim.json on another machine
+        one_run(dataset, recipe, epochs, seed, nproc)  # training is deterministic: the same model again
     if not aa_file.is_file():
         # one block per rank: every rank attacks, and each attack runs once per rank on one chunk (Square's
         # 5,000 sequential queries cost per chunk, so small blocks multiply its time)
