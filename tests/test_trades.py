@@ -85,3 +85,29 @@ def test_kl_adversary_starts_near_x_without_a_random_start(monkeypatch):
     model.eval()
     with torch.no_grad():
         assert kl_term(model(x_adv), model(x), "sum", len(x)).item() > 0
+
+
+def test_every_restart_of_the_kl_adversary_starts_off_x(monkeypatch):
+    """Not only the first restart (the one TRADES seeds): with attack.random_start=false a later KL
+    restart starting at x would take its steps along rounding noise too."""
+    from dist_robust.attacks import fused
+    firsts = []
+    make_step = fused.make_step
+
+    def recording_make_step(*args, **kw):
+        step = make_step(*args, **kw)
+
+        def recorded(x, delta, *rest):
+            firsts.append(delta.clone())
+            return step(x, delta, *rest)
+        return recorded
+
+    monkeypatch.setattr(fused, "make_step", recording_make_step)
+    torch.manual_seed(0)
+    model = build_model("cnn3", 1, 10, [0.5], [0.5]).eval()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    pgd(model, x, y, 0.1, 1, loss="kl", random_init=False, restarts=3)
+    assert len(firsts) == 3 and all(d.abs().amax() > 0 for d in firsts)
+    ce_firsts = len(firsts)
+    pgd(model, x, y, 0.1, 1, loss="ce", random_init=False, restarts=2)
+    assert all(d.abs().amax() == 0 for d in firsts[ce_firsts:])  # CE without a random start: x itself

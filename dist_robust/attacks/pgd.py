@@ -161,6 +161,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
                 delta = (x + delta0.to(x)).clamp(0, 1) - x
             elif random_init:
                 delta = (x + random_start(x, eps, norm)).clamp(0, 1) - x
+            elif loss == "kl":
+                # TRADES' start: at x the KL to the clean prediction and its gradient are zero up to
+                # rounding, so every restart starts a small Gaussian away, as the reference's one does
+                delta = (x + 0.001 * torch.randn_like(x)).clamp(0, 1) - x
             else:
                 delta = torch.zeros_like(x)
             for _ in range(steps):
