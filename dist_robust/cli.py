@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _eval_config(args):
     """The checkpoint's stored config, with the evaluation settings of the command line."""
-    from .engine.checkpoint import read_sidecar, resolve
+    from .checkpoint import read_sidecar, resolve
     from .methods import METHODS
     sidecar = resolve(args.checkpoint)
     cfg = from_dict(read_sidecar(sidecar)["config"])
@@ -84,7 +84,7 @@ def _eval_config(args):
         cfg.eval.aa_block_size = args.aa_block_size
     validate(cfg, training=False)  # world size 1: the only world-size check concerns the training batch
     from .data import dataset_info
-    from .engine.checkpoint import model_header
+    from .checkpoint import model_header
     from .models import head_classes
     info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
     shapes = model_header(sidecar)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     env = dist.read_env()
     say = lambda msg: print(f"dist-robust: error: {msg}" if env.rank == 0 else
                             f"dist-robust [rank {env.rank}]: error: {msg}", file=sys.stderr)
-    from .engine.checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
     try:  # every user mistake is caught here, before the process group exists
         if args.command == "train":
             stages = load_stages(args.config, args.overrides, env.world_size)

@@ -325,7 +325,7 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
 def _check_source(cfg: Config, key: str, path: str, info) -> None:
     """A checkpoint to start from: complete, of the configured architecture, and (where the head is
     kept) with the dataset's classes, read from its sidecar and tensor header without loading it."""
-    from .engine.checkpoint import CheckpointError, model_header, read_sidecar, resolve
+    from .checkpoint import CheckpointError, model_header, read_sidecar, resolve
     try:
         sidecar = resolve(path)
         trained = read_sidecar(sidecar).get("config", {}).get("model", {}).get("name")
@@ -370,7 +370,7 @@ def validate(cfg: Config, world_size: int = 1, pending: set = frozenset(), train
     from .schedules import DECAY_SHAPES, SCHEDULES
     from .models.partial import BN_POLICIES, TRAINABLE
     from .attacks.pgd import LOSSES, NORMS
-    from .engine.evaluate import parse_attack
+    from .attacks.names import parse_attack
     from .engine.stages import STAGE_KINDS
 
     d, a, o, t = cfg.data, cfg.attack, cfg.optim, cfg.train

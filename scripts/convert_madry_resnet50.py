@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dist_robust.engine.checkpoint import save_checkpoint  # noqa: E402
+from dist_robust.checkpoint import save_checkpoint  # noqa: E402
 from dist_robust.models import model_from_state  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_robust.cli import main
-from dist_robust.engine.checkpoint import save_checkpoint
+from dist_robust.checkpoint import save_checkpoint
 from dist_robust.models import build_model
 
 RECIPE = "configs/quickstart.yaml"
@@ -110,7 +110,7 @@ def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path, disguise, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(evil) in err, err
-    from dist_robust.engine.checkpoint import CheckpointError, load_checkpoint
+    from dist_robust.checkpoint import CheckpointError, load_checkpoint
     with pytest.raises(CheckpointError):
         load_checkpoint(evil)
     if disguise.endswith(".pt"):  # the foreign-format path (scripts/convert_*): torch.load(weights_only=True)

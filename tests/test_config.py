@@ -93,7 +93,7 @@ def test_evaluation_precision_is_eval_precision_never_the_training_attacks(tmp_p
     eval.precision (fp32 by default). On the CPU a bf16 PGD is refused, so an evaluation that inherited
     the checkpoint's attack.precision=bf16 would fail here."""
     from dist_robust.config import to_dict
-    from dist_robust.engine.checkpoint import save_checkpoint
+    from dist_robust.checkpoint import save_checkpoint
     from dist_robust.engine.evaluate import eval_attack_opts
     from dist_robust.models import build_model
     cfg = load_config(None, ["attack.precision=bf16", "data.name=digits", "run.device=cpu"])

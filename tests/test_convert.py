@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from dist_robust.engine.checkpoint import load_checkpoint
+from dist_robust.checkpoint import load_checkpoint
 from dist_robust.models import build_model, load_backbone
 
 

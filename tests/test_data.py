@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from dist_robust.data import (DATASETS, Dataset, DatasetInfo, EvalLoader, TrainLoader, dataset_info,
-                              load_dataset, safe_unpickle, shard_indices)
+                              load_dataset, safe_unpickle)
+from dist_robust.utils import shard_indices
 from dist_robust.data import sources
-from dist_robust.data.memory import random_crop, random_flip, _generator
+from dist_robust.data.memory import random_crop, random_flip
+from dist_robust.utils import generator as _generator
 
 
 def counts(ds, num_classes):

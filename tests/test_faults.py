@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, run_ranks
 from dist_robust.cli import main
-from dist_robust.engine.checkpoint import last_good, load_checkpoint
+from dist_robust.checkpoint import last_good, load_checkpoint
 
 RECIPE = "configs/quickstart.yaml"
 
@@ -153,7 +153,7 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_naming_the_step(tmp_path)
 
 KILLED_WRITER = """
 import os, signal, sys, torch
-from dist_robust.engine import checkpoint as c
+from dist_robust import checkpoint as c
 folder = sys.argv[1]
 c.save_checkpoint(folder, "epoch_0001", {"w": torch.ones(1000)}, dict(epoch=1, step=10))
 real_fsync = os.fsync

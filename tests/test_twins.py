@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from conftest import run_ranks
 from dist_robust import config
 from dist_robust.data import load_dataset
-from dist_robust.engine.checkpoint import save_checkpoint
+from dist_robust.checkpoint import save_checkpoint
 from dist_robust.methods import build_method
 from dist_robust.models import build_model
 from dist_robust.models.dual_bn import DualBatchNorm2d, bn_branch, dual_layers, export_plain

@@ -40,8 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from .. import dist
-from ..data import shard_indices
-from ..engine.checkpoint import atomic_write
+from ..utils import atomic_write, shard_indices
 from .pgd import NORMS, attack_mode
 
 VERSIONS = ("standard", "plus", "rand")

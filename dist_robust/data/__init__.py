@@ -1,11 +1,10 @@
 """Offline real datasets (``sources``) and tensor-resident loaders (``memory``)."""
-from .memory import EvalLoader, TrainLoader, holdout_split, shard_indices
+from .memory import EvalLoader, TrainLoader, holdout_split
 from .sources import (DATASETS, Dataset, DatasetInfo, RestrictedUnpickler, clear_cache, dataset_info,
                       load_dataset, safe_unpickle)
 
 __all__ = ["DATASETS", "Dataset", "DatasetInfo", "EvalLoader", "RestrictedUnpickler", "TrainLoader",
-           "clear_cache", "dataset_info", "holdout_split", "load_dataset", "load_split", "safe_unpickle",
-           "shard_indices"]
+           "clear_cache", "dataset_info", "holdout_split", "load_dataset", "load_split", "safe_unpickle"]
 
 SPLITS = ("train", "val", "test")
 

@@ -30,7 +30,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .memory import _to_float, augment, epoch_batches, holdout_indices, shard_indices, TrainLoader
+from ..utils import atomic_write, sha256_file, shard_indices
+from .memory import _to_float, augment, epoch_batches, holdout_indices, TrainLoader
 from .sources import Dataset, dataset_info, load_dataset
 
 log = logging.getLogger("dist_robust")
@@ -48,14 +49,6 @@ class FFCVDataError(ValueError):
 
 def beton_path(out_dir: str | Path, name: str, split: str, fmt: str) -> Path:
     return Path(out_dir).expanduser() / f"{name}-{split}-{fmt}.beton"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def content_sha256(ds: Dataset) -> str:
@@ -122,7 +115,6 @@ def write_beton(ds: Dataset, beton: Path, fmt: str, quality: int, source: dict, 
     """Write ``ds`` to ``beton`` (through a temporary file) and then its manifest; returns the manifest."""
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
-    from ..engine.checkpoint import atomic_write
 
     beton.parent.mkdir(parents=True, exist_ok=True)
     image_field = (NDArrayField(np.dtype("uint8"), tuple(ds.images.shape[1:])) if fmt == "raw"
@@ -134,7 +126,7 @@ def write_beton(ds: Dataset, beton: Path, fmt: str, quality: int, source: dict, 
         manifest = {"version": MANIFEST_VERSION, "source": source, "format": fmt, "n": len(ds),
                     "shape": list(ds.images.shape[1:]),
                     "counts": np.bincount(ds.labels.numpy(), minlength=ds.info.num_classes).tolist(),
-                    "content_sha256": content or content_sha256(ds), "beton_sha256": _sha256_file(tmp),
+                    "content_sha256": content or content_sha256(ds), "beton_sha256": sha256_file(tmp),
                     "labels": ds.labels.tolist()}
         os.replace(tmp, beton)
     finally:
@@ -163,7 +155,7 @@ def verified_manifest(beton: Path, hint: str = "prepare it again") -> dict:
         raise FFCVDataError(f"{beton} or its manifest is missing: {hint}", "missing")
     if manifest.get("version") != MANIFEST_VERSION:
         raise FFCVDataError(f"{beton} was written by another version of dist_robust: {hint}", "stale")
-    if _sha256_file(beton) != manifest["beton_sha256"]:
+    if sha256_file(beton) != manifest["beton_sha256"]:
         raise FFCVDataError(f"{beton} fails its sha256 check (truncated or corrupted): {hint}", "corrupt")
     return manifest
 

@@ -6,33 +6,14 @@ every rank computes the same permutation and takes its own slice of each global 
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils import generator, shard_indices
 from .sources import Dataset, stratified_take
-
-
-def _seed(*parts) -> int:
-    """A 63-bit generator seed from a few values; distinct tuples give unrelated streams."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def _generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))  # CPU: the same numbers on every device
-
-
-def shard_indices(n: int, rank: int, world_size: int) -> range:
-    """Rank's contiguous block of range(n): sizes differ by at most 1, no padding, no overlap."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +44,7 @@ def epoch_batches(num_points: int, batch_size: int, rank: int, world_size: int, 
     the incomplete tail is dropped. Every loader (memory, ffcv, torch) trains in this order."""
     global_batch = batch_size * world_size
     steps = num_points // global_batch
-    perm = torch.randperm(num_points, generator=_generator(seed, epoch))
+    perm = torch.randperm(num_points, generator=generator(seed, epoch))
     return perm[:steps * global_batch].view(steps, world_size, batch_size)[:, rank]
 
 
@@ -72,7 +53,7 @@ def augment(x: torch.Tensor, crop_padding: int, flip: bool, seed: int, epoch: in
     """The training augmentation of a uint8 batch, on its device, seeded by (seed, epoch, rank, batch) so
     that a resumed epoch and every loader reproduce it."""
     if crop_padding or flip:
-        gen = _generator(seed, epoch, rank, batch)
+        gen = generator(seed, epoch, rank, batch)
         if crop_padding:
             x = random_crop(x, crop_padding, gen)
         if flip:
@@ -110,7 +91,7 @@ class TrainLoader:
     @staticmethod
     def subset_indices(labels: torch.Tensor, k: int, seed: int) -> np.ndarray:
         """Sorted dataset positions of a seeded subset of k images, classes in proportion."""
-        priority = torch.randperm(len(labels), generator=_generator(seed, "subset")).numpy()
+        priority = torch.randperm(len(labels), generator=generator(seed, "subset")).numpy()
         return stratified_take(labels.numpy(), k, priority)
 
     @property
@@ -178,7 +159,7 @@ def holdout_split(train: Dataset, holdout: int) -> tuple[Dataset, Dataset]:
 
 def holdout_indices(labels: torch.Tensor, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, held-out) sorted positions of ``holdout_split``'s two parts in the train split."""
-    priority = torch.randperm(len(labels), generator=_generator("holdout", len(labels))).numpy()
+    priority = torch.randperm(len(labels), generator=generator("holdout", len(labels))).numpy()
     val = torch.from_numpy(stratified_take(labels.numpy(), holdout, priority))
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[val] = False

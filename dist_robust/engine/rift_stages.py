@@ -21,11 +21,12 @@ import torch
 from .. import dist
 from ..attacks import attack_kwargs, pgd
 from ..config import Config, to_dict
-from ..data import load_split, shard_indices
+from ..data import load_split
+from ..utils import shard_indices
 from ..models import model_from_state
 from ..rift import (critical_modules, interpolate_state, module_robust_criticality, rank_modules, select_alpha,
                     write_alpha_curve, write_mrc_table)
-from .checkpoint import load_checkpoint, resolve, save_checkpoint
+from ..checkpoint import load_checkpoint, resolve, save_checkpoint
 from .evaluate import _seeded_starts, eval_attack_opts, evaluate
 from .train import evaluate_run
 

@@ -17,7 +17,7 @@ import torch
 
 from .. import dist
 from ..config import Config, to_dict
-from .checkpoint import atomic_write
+from ..utils import atomic_write
 from .rift_stages import rift_interpolate, rift_mrc
 from .train import train
 

@@ -26,7 +26,8 @@ from ..models.partial import configure_finetuning
 from ..models.sync_bn import convert_sync_bn
 from ..report import JsonlLog
 from ..schedules import lr_at
-from .checkpoint import (CheckpointError, atomic_write, last_good, load_checkpoint, load_optimizer,
+from ..utils import atomic_write
+from ..checkpoint import (CheckpointError, last_good, load_checkpoint, load_optimizer,
                          load_rank_buffers, read_sidecar, remove_step_checkpoints, resolve, rng_state,
                          save_checkpoint, set_rng_state)
 from .evaluate import eval_attack_opts, evaluate, write_results

@@ -12,16 +12,15 @@ Nothing is ever unpickled.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load as st_load, save as st_save
+
+from .utils import atomic_write, sha256
 
 FORMAT = "dist_robust.checkpoint/1"
 log = logging.getLogger("dist_robust")
@@ -29,28 +28,6 @@ log = logging.getLogger("dist_robust")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or fails its hash; the message is one line."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` or, if anything fails (a full disk, a kill), what it held before."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):  # one line that names the file (ENOSPC says neither file nor folder)
-            raise OSError(e.errno, f"{e.strerror} while writing {path} ({len(data):,} bytes); "
-                                   "its previous version is untouched") from None
-        raise
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def rng_state() -> dict:
