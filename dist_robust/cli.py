@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import dist
 from .config import ConfigError, from_dict, load_stages, validate
+from .preflight import check_run, preflight
 
 USAGE_ERROR, RUN_ERROR = 2, 1
 
@@ -65,7 +66,7 @@ def _eval_config(args):
     from .methods import METHODS
     sidecar = resolve(args.checkpoint)
     cfg = from_dict(read_sidecar(sidecar)["config"])
-    if cfg.method.name in METHODS and METHODS[cfg.method.name].pretext:
+    if METHODS[cfg.method.name].pretext:
         run = sidecar.parent.parent if sidecar.parent.name == "checkpoints" else sidecar.parent
         raise ConfigError(f"{sidecar} is a pretext model ({cfg.method.name}): its head predicts the pretext task, "
                           f"not classes; fine-tune it (model.init_from={run / 'model.json'}) and evaluate that run")
@@ -82,7 +83,8 @@ def _eval_config(args):
         cfg.data.eval_batch_size = args.batch_size
     if args.aa_block_size is not None:
         cfg.eval.aa_block_size = args.aa_block_size
-    validate(cfg, training=False)  # world size 1: the only world-size check concerns the training batch
+    validate(cfg, training=False)
+    check_run(cfg, training=False)
     from .data import dataset_info
     from .checkpoint import model_header
     from .models import head_classes
@@ -100,7 +102,8 @@ def _eval_config(args):
 
 
 def _run_eval(cfg, sidecar, out, device):
-    from .engine.train import evaluate_run, exported_model
+    from .engine.train import exported_model
+    from .evaluate import evaluate_run
     return evaluate_run(cfg, exported_model(sidecar, device), device, checkpoint=str(sidecar), out=out)
 
 
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     try:  # every user mistake is caught here, before the process group exists
         if args.command == "train":
-            stages = load_stages(args.config, args.overrides, env.world_size)
+            stages = load_stages(args.config, args.overrides)
+            preflight(stages, env.world_size)
             cfg = stages[0]
         else:
             if args.limit is not None and args.limit <= 0:

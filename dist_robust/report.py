@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
+
+from . import dist
 
 
 class JsonlLog:
@@ -59,3 +62,11 @@ def results_table(paths: list[str]) -> str:
         cells.append(f"{seconds:.0f}" if seconds is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def progress(iterable, total, desc):
+    """A tqdm bar on rank 0 when stderr is a terminal; plain iteration otherwise."""
+    if dist.is_main() and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return iterable

@@ -12,11 +12,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_robust import config
 from dist_robust.methods import build_method
-from dist_robust.methods.adv_ss import (JigsawHead, PretextNet, joint_attack, logdet_penalty, pretext_model_from_state,
-                                        task_gradients, task_loss)
+from dist_robust.methods.adv_ss.attack import joint_attack, logdet_penalty, task_gradients, task_loss
+from dist_robust.methods.adv_ss.networks import JigsawHead, PretextNet, pretext_model_from_state
+from dist_robust.methods.adv_ss.pretext import (JIGSAW_FORCE_IDENTITY, from_tiles, jigsaw, jigsaw_permutations, rotate,
+                                                selfie_positions, to_tiles)
 from dist_robust.models import build_model, load_backbone
-from dist_robust.pretext import (JIGSAW_FORCE_IDENTITY, from_tiles, jigsaw, jigsaw_permutations, rotate,
-                                 selfie_positions, to_tiles)
 
 from conftest import run_ranks
 
@@ -256,10 +256,11 @@ def test_ensemble_and_selfie_under_ddp_keep_ranks_in_sync():
 @pytest.mark.parametrize("overrides, match", [
     (["method.name=adv_rotation"], "eval.at_end=True"),
     (["method.name=adv_jigsaw", "eval.at_end=false", "method.jigsaw_grid=3"], "must divide"),
-    (["method.ensemble_tasks=[rotation]"], "two or three distinct"),
-    (["method.ensemble_export=selfie"], "rotation or jigsaw"),
+    (["method.name=adv_ss_ensemble", "eval.at_end=false", "method.ensemble_tasks=[rotation]"], "two or three distinct"),
+    (["method.name=adv_ss_ensemble", "eval.at_end=false", "method.ensemble_export=selfie"], "rotation or jigsaw"),
     (["method.name=adv_ss_ensemble", "eval.at_end=false", "attack.restarts=2"], "one start"),
-    (["method.jigsaw_grid=2", "method.jigsaw_perms=24"], "jigsaw_perms=24"),
+    (["method.name=adv_jigsaw", "eval.at_end=false", "method.jigsaw_grid=2", "method.jigsaw_perms=24"],
+     "jigsaw_perms=24"),
 ])
 def test_bad_adv_ss_settings_are_one_line_errors(overrides, match):
     with pytest.raises(config.ConfigError, match=match) as e:

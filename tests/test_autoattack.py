@@ -21,7 +21,7 @@ from conftest import run_ranks
 from dist_robust.attacks import autoattack as aa_mod
 from dist_robust.attacks import pgd
 from dist_robust.attacks.autoattack import attacks_of, autoattack, settings, within_bounds
-from dist_robust.engine.evaluate import evaluate
+from dist_robust.evaluate import evaluate
 from dist_robust.data import load_dataset
 from dist_robust.models import build_model
 

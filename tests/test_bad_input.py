@@ -59,7 +59,8 @@ MISTAKES = [
     (["train", RECIPE, "data.name=imagefolder", "data.root={tmp}/images"], {}, "train/<class>/"),
     (["train", RECIPE, "model.name=resnet_small", "run.out_dir={tmp}/runs", "run.name=existing"], {},
      "holds another run (model.name cnn3, here resnet_small)"),                                 # reused run name
-    (["train", RECIPE, "method.name=twins_at", "data.batch_size=6"], {"WORLD_SIZE": "2", "RANK": "0"},
+    (["train", RECIPE, "method.name=twins_at", "model.init_from={c100}", "data.batch_size=6"],
+     {"WORLD_SIZE": "2", "RANK": "0"},
      "per-rank batch (3) must be even"),
     (["train", RECIPE, "method.name=twins_trades"], {}, "model.init_from=None: method.name=twins_trades"),
     (["train", RECIPE, "train.checkpoint_every=-5"], {}, "train.checkpoint_every=-5"),

@@ -38,8 +38,8 @@ def _model(seed: int = 0):
     return build_model("cnn3", 1, 10, info.mean, info.std, width=4)
 
 
-def _cfg():
-    return config.load_config(None, ["attack.eps=0.1", "attack.steps=2"])
+def _cfg(method: str = "cartl"):
+    return config.load_config(None, [f"method.name={method}", "attack.eps=0.1", "attack.steps=2"])
 
 
 def _partial(model, x, upto: str):
@@ -195,7 +195,7 @@ def _sn_modules(model):
 
 @pytest.mark.parametrize("beta", [1.0, 0.4])
 def test_spectral_norm_bounds_every_tuned_layer_by_beta(beta):
-    method = CARTLFineTune(_cfg(), beta=beta, last_k=2)
+    method = CARTLFineTune(_cfg("cartl_ft"), beta=beta, last_k=2)
     model = _finetune(method.prepare(_model()), method)
     assert set(_sn_modules(model)) == {"features.stage2.0", "features.stage3.0", "head"}
     with torch.no_grad():  # training forwards: one power iteration each, on the now-fixed weights
@@ -211,7 +211,7 @@ def test_spectral_norm_bounds_every_tuned_layer_by_beta(beta):
 
 
 def test_finetuning_leaves_the_frozen_part_bitwise_unchanged():
-    method = CARTLFineTune(_cfg(), beta=0.5, last_k=1)
+    method = CARTLFineTune(_cfg("cartl_ft"), beta=0.5, last_k=1)
     model = method.prepare(_model())
     with torch.no_grad():  # give the frozen BN non-trivial statistics to keep
         for bn in (model.features.stage1[1], model.features.stage2[1]):
@@ -231,7 +231,7 @@ def test_finetuning_leaves_the_frozen_part_bitwise_unchanged():
 
 
 def test_export_is_a_plain_model_with_the_same_outputs():
-    method = CARTLFineTune(_cfg(), beta=0.7, last_k=2)
+    method = CARTLFineTune(_cfg("cartl_ft"), beta=0.7, last_k=2)
     model = _finetune(method.prepare(_model()), method, steps=2)
     model.train()  # export must not run another power iteration, whatever the mode
     exported = method.export(model)
@@ -259,9 +259,9 @@ def test_misuse_fails_loudly():
     with pytest.raises(ValueError, match="beta"):
         apply_spectral_norm(_model(), 1, 0.0)
     with pytest.raises(ValueError, match="dual"):
-        CARTLFineTune(_cfg(), tuned_bn="dual")
+        CARTLFineTune(_cfg("cartl_ft"), tuned_bn="dual")
     with pytest.raises(ValueError, match="last_k=4"):
-        CARTLFineTune(_cfg(), last_k=4).prepare(_model())
+        CARTLFineTune(_cfg("cartl_ft"), last_k=4).prepare(_model())
 
 
 def test_resnet_family_k_counts_the_final_bn_and_the_head_as_cartl():
@@ -283,8 +283,8 @@ def _ddp_steps(rank, world):
     # Random 12x12 images, each rank its own (no dataset load: spawned ranks should start fast).
     data = torch.rand(2, world, 8, 1, 12, 12, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 10, (2, world, 8), generator=torch.Generator().manual_seed(2))
-    cfg = config.load_config(None, ["attack.eps=0.1", "attack.steps=1"])
-    for method in (CARTLFeatureDistance(cfg, last_k=1), CARTLFineTune(cfg, beta=0.5, last_k=1)):
+    cfgs = [config.load_config(None, [f"method.name={m}", "attack.eps=0.1", "attack.steps=1"]) for m in ("cartl", "cartl_ft")]
+    for method in (CARTLFeatureDistance(cfgs[0], last_k=1), CARTLFineTune(cfgs[1], beta=0.5, last_k=1)):
         model = method.prepare(model)
         train_model = DDP(model)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from conftest import run_ranks
 from dist_robust import config
 from dist_robust.data import load_dataset
-from dist_robust.engine.evaluate import evaluate
+from dist_robust.evaluate import evaluate
 from dist_robust.methods import build_method
 from dist_robust.models import build_model
 

@@ -130,7 +130,7 @@ def _train_worker(rank, world, out_dir):
 
     engine.evaluate_run = spy
     cfg = load_config("configs/quickstart.yaml", [*TINY, "data.subset=256", "data.batch_size=32",
-                                                  f"run.out_dir={out_dir}", "run.name=two"], world_size=world)
+                                                  f"run.out_dir={out_dir}", "run.name=two"])
     engine.train(cfg, torch.device("cpu"))
     torch.save(seen, os.path.join(out_dir, f"evaluated{rank}.pt"))
 

@@ -138,7 +138,7 @@ def _nan_on_rank_1(rank, world, tmp_path):
 
     PGDAT.loss = loss
     dist.setup_logging(rank == 0)
-    cfg = load_config(RECIPE, _args(tmp_path, "nan")[2:], world_size=world)
+    cfg = load_config(RECIPE, _args(tmp_path, "nan")[2:])
     with pytest.raises(FloatingPointError) as err:
         engine.train(cfg, torch.device("cpu"))
     message = str(err.value)

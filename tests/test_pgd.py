@@ -9,7 +9,7 @@ from torch import nn
 from dist_robust.attacks import attack_mode, pgd
 from dist_robust.attacks.fused import eager_step
 from dist_robust.data import load_dataset
-from dist_robust.engine.evaluate import evaluate
+from dist_robust.evaluate import evaluate
 from dist_robust.models import build_model
 
 

@@ -10,7 +10,7 @@ from conftest import run_ranks
 from dist_robust.attacks import pgd
 from dist_robust.data import load_dataset
 from dist_robust.models import build_model
-from dist_robust.rift import (critical_modules, interpolate_state, module_robust_criticality, project_relative,
+from dist_robust.methods.rift.core import (critical_modules, interpolate_state, module_robust_criticality, project_relative,
                               rank_modules, select_alpha, write_alpha_curve, write_mrc_table)
 
 N, EPS_W = 96, 0.1

@@ -1,4 +1,4 @@
-"""RiFT end to end as a staged recipe (engine/rift_stages.py): robust source -> MRC -> fine-tune only the
+"""RiFT end to end as a staged recipe (methods/rift/): robust source -> MRC -> fine-tune only the
 lowest-MRC module on clean data -> interpolate and pick alpha on held-out training images."""
 import json
 
@@ -11,12 +11,14 @@ from dist_robust.data import holdout_split, load_dataset
 
 STAGES = [
     {"name": "source", "method": {"name": "pgd_at"}},
-    {"name": "mrc", "kind": "rift_mrc", "model": {"init_from": "previous"}},
+    {"name": "mrc", "kind": "rift_mrc", "model": {"init_from": "previous"},
+     "stage": {"mrc_points": 64, "mrc_epochs": 2, "mrc_batch_size": 32}},
     {"name": "finetune", "method": {"name": "standard"},
      "model": {"init_from": "previous", "new_head": False, "trainable": "modules", "modules": ["lowest_mrc"],
                "frozen_bn": "train"}},
     {"name": "interpolate", "kind": "rift_interpolate",
-     "model": {"init_from": "previous"}, "rift": {"robust_from": "stage:source"}},
+     "model": {"init_from": "previous"},
+     "stage": {"robust_from": "stage:source", "alphas": [0.0, 0.5, 1.0], "select_attack": "pgd-2"}},
 ]
 
 
@@ -24,8 +26,6 @@ def test_rift_pipeline_tunes_one_module_and_picks_alpha_on_held_out_images(tmp_p
     recipe = tmp_path / "rift.yaml"
     recipe.write_text(yaml.safe_dump({
         "data": {"holdout": 200},
-        "rift": {"mrc_points": 64, "mrc_epochs": 2, "mrc_batch_size": 32, "alphas": [0.0, 0.5, 1.0],
-                 "select_attack": "pgd-2"},
         "stages": STAGES}))
     overrides = [o for o in tiny if not o.startswith("method.")] + [f"run.out_dir={tmp_path}", "run.name=rift"]
     assert main(["train", str(recipe), *overrides]) == 0

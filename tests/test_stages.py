@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from dist_robust.cli import main
 from dist_robust.config import ConfigError, load_config, load_stages
+from dist_robust.preflight import preflight
 
 STAGES = [{"name": "clean", "method": {"name": "standard"}},
           {"name": "robust", "model": {"init_from": "previous"}, "method": {"name": "pgd_at"}}]
@@ -75,6 +76,6 @@ def test_every_shipped_recipe_loads(recipe):
     """Each recipe in configs/ is valid on 2 ranks; the only errors allowed are inputs this machine
     lacks: a source run not trained yet, or a user dataset / checkpoint (paper-scale recipes)."""
     try:
-        assert load_stages(recipe, world_size=2)
+        preflight(load_stages(recipe), world_size=2)
     except ConfigError as e:
         assert "no such file or folder" in str(e) or "data.root" in str(e), str(e)

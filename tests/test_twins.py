@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import run_ranks
 from dist_robust import config
+from dist_robust.preflight import preflight
 from dist_robust.data import load_dataset
 from dist_robust.checkpoint import save_checkpoint
 from dist_robust.methods import build_method
@@ -100,7 +101,8 @@ def test_split_sends_first_half_to_the_frozen_wing_and_rejects_odd_batches():
 
 def test_odd_per_rank_batch_is_a_config_error():
     with pytest.raises(config.ConfigError, match="per-rank batch \\(33\\) must be even"):
-        config.load_config(None, RECIPE + ["method.name=twins_at", "data.batch_size=66"], world_size=2)
+        preflight([config.load_config(None, RECIPE + ["method.name=twins_at", "data.batch_size=66"], training=False)],
+                  world_size=2)
     with pytest.raises(config.ConfigError, match="model.tuned_bn"):
         config.load_config(None, RECIPE + ["method.name=pgd_at", "model.tuned_bn=dual"])
     with pytest.raises(config.ConfigError, match="model.tuned_bn"):
@@ -109,7 +111,7 @@ def test_odd_per_rank_batch_is_a_config_error():
 
 def _twins_ddp_worker(rank, world, method, out_dir, source):
     overrides = [f"method.name={method}", "model.sync_bn=true", f"model.init_from={source}"]
-    cfg = config.load_config(None, RECIPE + overrides, world_size=world)
+    cfg = config.load_config(None, RECIPE + overrides)
     model = configure_finetuning(convert_sync_bn(_source()), tuned_bn="dual")
     assert all(isinstance(m.adaptive, SyncBatchNorm2d) and not isinstance(m.frozen, torch.nn.BatchNorm2d)
                for m in model.modules() if isinstance(m, DualBatchNorm2d))

@@ -75,8 +75,11 @@ def _padded(fn, pad_ok: bool):
     return step
 
 
+COMPILE_MODES = ("on", "off", "auto")
+
+
 def use_compile(mode: str, device_type: str) -> bool:
-    if mode not in ("on", "off", "auto"):
+    if mode not in COMPILE_MODES:
         raise ValueError(f"attack.compile must be on, off or auto, got {mode!r}")
     return mode == "on" or (mode == "auto" and COMPILE_AUTO.get(device_type, False))
 

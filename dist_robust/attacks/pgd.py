@@ -21,6 +21,7 @@ from ..dist import unwrap
 
 NORMS = ("Linf", "L2")
 LOSSES = ("ce", "cw", "kl")
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast of the attack's steps (half precisions on CUDA only)
 # A custom loss: loss_fn(net, x_adv, y) -> per-sample losses [B] to maximise (pretext tasks use it).
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -198,7 +199,7 @@ def _check_args(eps, steps, norm, restarts, precision, x):
                          f"(got eps={eps}, steps={steps}, restarts={restarts})")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
-    if precision not in ("fp32", "bf16", "fp16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"unknown attack precision {precision!r} (fp32, bf16 or fp16)")
     if precision != "fp32" and x.device.type != "cuda":
         raise ValueError(f"attack precision {precision} needs a CUDA device; use fp32 on the CPU")

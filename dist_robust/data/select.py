@@ -22,6 +22,7 @@ from .. import dist
 from .ffcv import FFCVDataError, beton_path, checked_manifest, prepare, read_manifest
 
 log = logging.getLogger("dist_robust")
+LOADERS = ("auto", "memory", "ffcv", "torch")
 FFCV_MIN_SIZE = 64
 FFCV_MIN_BYTES = 4 << 30  # the memory loader holds the whole decoded split on each rank
 

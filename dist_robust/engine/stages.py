@@ -11,24 +11,23 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .. import dist
-from ..config import Config, to_dict
+from ..config import Config
+from ..methods import STAGE_KINDS
 from ..utils import atomic_write
-from .rift_stages import rift_interpolate, rift_mrc
 from .train import train
 
 log = logging.getLogger("dist_robust")
 
-# kind -> function(cfg, device) that runs one stage on every rank and writes into cfg's run folder
-STAGE_KINDS: dict[str, Callable[[Config, torch.device], object]] = {
-    "train": train,
-    "rift_mrc": rift_mrc,                  # RiFT: module robust criticality of init_from (rift.*)
-    "rift_interpolate": rift_interpolate,  # RiFT: robust <-> tuned interpolation, alpha chosen on rift.select_split
-}
+
+def run_stage(cfg: Config, device: torch.device):
+    """One stage on every rank: the engine's training loop, or the run function of the kind a method
+    registered (methods/base.py)."""
+    return train(cfg, device) if cfg.stage.kind == "train" else STAGE_KINDS[cfg.stage.kind].run(cfg, device)
+
 
 MARKER = "stage.json"
 
@@ -45,8 +44,8 @@ def run_stages(stages: list[Config], device: torch.device) -> None:
             continue
         log.info("stage %d/%d %s (%s)", i, len(stages), cfg.run.name, cfg.stage.kind)
         t0 = time.perf_counter()
-        STAGE_KINDS[cfg.stage.kind](cfg, device)
+        run_stage(cfg, device)
         if dist.is_main():
             atomic_write(marker, json.dumps({"stage": i, "kind": cfg.stage.kind, "seconds": time.perf_counter() - t0,
-                                             "config": to_dict(cfg)}, indent=1).encode())
+                                             "config": cfg.to_dict()}, indent=1).encode())
         dist.barrier()

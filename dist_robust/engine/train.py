@@ -8,7 +8,6 @@ resume the optimizer -> for each epoch: for each batch: set lr, method loss, bac
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +15,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist
-from ..config import Config, from_dict, to_dict, to_yaml
+from ..config import Config, from_dict
 from ..data import dataset_info, load_split
-from ..data.select import ffcv_eval_loader, resolve_loader, train_loader
-from ..methods import build_method
+from ..data.select import resolve_loader, train_loader
+from ..methods import MODULE_SELECTORS, build_method
 from ..models import build_model, head_classes, load_backbone, load_state_strict, model_from_state
 from ..models.dual_bn import export_plain
 from ..models.partial import configure_finetuning
@@ -28,9 +27,10 @@ from ..report import JsonlLog
 from ..schedules import lr_at
 from ..utils import atomic_write
 from ..checkpoint import (CheckpointError, last_good, load_checkpoint, load_optimizer,
-                         load_rank_buffers, read_sidecar, remove_step_checkpoints, resolve, rng_state,
+                         load_rank_buffers, remove_step_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
-from .evaluate import eval_attack_opts, evaluate, write_results
+from ..evaluate import evaluate_run
+from ..report import progress
 
 log = logging.getLogger("dist_robust")
 
@@ -63,10 +63,9 @@ def training_form(cfg: Config, model, method, device: torch.device):
         model = convert_sync_bn(model)
     tuned_bn = m.tuned_bn if m.tuned_bn != "auto" else ("dual" if method.uses_dual_bn else "train")
     modules = m.modules
-    if modules == ["lowest_mrc"]:
-        from .rift_stages import lowest_mrc_module
-        modules = [lowest_mrc_module(m.init_from)]
-        log.info("fine-tuning only %s, the lowest-MRC module of %s", modules[0], m.init_from)
+    if modules and modules[0] in MODULE_SELECTORS:  # a method's selector (RiFT's lowest_mrc) names the module
+        modules = [MODULE_SELECTORS[modules[0]](m.init_from)]
+        log.info("fine-tuning only %s, model.modules=%s of %s", modules[0], m.modules[0], m.init_from)
     return method.prepare(configure_finetuning(model, m.trainable, m.last_k, m.frozen_bn, tuned_bn, modules).to(device))
 
 
@@ -86,14 +85,6 @@ def exported_model(sidecar: Path, device: torch.device) -> torch.nn.Module:
     model = training_form(cfg, model, method, device)
     load_state_strict(model, state, cfg.model.name)
     return export_plain(method.export(model))
-
-
-def _progress(iterable, total, desc):
-    """A tqdm bar on rank 0 when stderr is a terminal; plain iteration otherwise."""
-    if dist.is_main() and sys.stderr.isatty():
-        from tqdm import tqdm
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-    return iterable
 
 
 def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
@@ -142,6 +133,28 @@ def _resume(sidecar: Path, model, steps_per_epoch: int) -> tuple[int, int, int, 
     return meta["epoch"], batch, meta["step"], totals, buffers
 
 
+EPOCH_KEYS = ("epoch", "step", "lr", "loss", "train_acc", "seconds", "images_per_s")
+
+
+def _totals(saved) -> dict:
+    """A checkpoint's running sums of one rank (a list [loss_sum, correct, n] in checkpoints written
+    before methods could return metrics of their own)."""
+    if isinstance(saved, list):
+        saved = dict(zip(("loss_sum", "correct", "n"), saved))
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
+
+
+def epoch_summary(totals: dict, seconds: float, **where) -> dict:
+    """Every metric the method returned, summed over all ranks (one all_reduce) and divided by the
+    images seen: loss_sum -> loss, correct -> train_acc, any other ``X_sum`` -> X, a count -> its rate."""
+    names = sorted(totals)
+    summed = dict(zip(names, dist.all_reduce_sum(torch.stack([totals[k] for k in names])).tolist()))
+    n = summed["n"]
+    out = dict(where, loss=summed["loss_sum"] / n, train_acc=summed["correct"] / n)
+    out.update({k.removesuffix("_sum"): v / n for k, v in summed.items() if k not in ("loss_sum", "correct", "n")})
+    return dict(out, seconds=seconds, images_per_s=n / seconds)
+
+
 def train(cfg: Config, device: torch.device) -> dict | None:
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     ckpt_dir = run_dir / "checkpoints"
@@ -163,7 +176,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         log.info("resumed from %s: %s, step %d, lr %.4g", sidecar, where, step, lr_at(step, steps_per_epoch, o, epochs))
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", to_yaml(cfg).encode())
+        atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode())
     journal = JsonlLog(run_dir / "log.jsonl" if dist.is_main() else None)
     # The training forward goes through the engine's wrapper; attacks use the unwrapped `model`.
     if cfg.dist.engine == "deepspeed":
@@ -188,7 +201,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         buffers = dist.all_gather_objects({k: v.cpu() for k, v in model.named_buffers()}) if world > 1 else None
         opt_state = opt.state_dict()  # ZeRO: assembled from every rank's partition
         if dist.is_main():
-            save_checkpoint(ckpt_dir, stem, model.state_dict(), dict(config=to_dict(cfg), rng=rngs, **meta),
+            save_checkpoint(ckpt_dir, stem, model.state_dict(), dict(config=cfg.to_dict(), rng=rngs, **meta),
                             optimizer_state=opt_state, rank_buffers=buffers)
         dist.barrier()
 
@@ -196,10 +209,10 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         loader.set_epoch(epoch)
         first = start_batch if epoch == start_epoch else 0
         model.train()
-        totals = torch.tensor(resumed_totals if first else [0.0, 0.0, 0.0], dtype=torch.float64)  # loss sum, correct, n
+        totals = _totals(resumed_totals if first else {})  # metric -> this rank's sum over the epoch's batches
         t0 = time.perf_counter()
         batches = enumerate(loader.iter_from(epoch, first), first + 1)
-        for batch, (x, y) in _progress(batches, steps_per_epoch - first, f"epoch {epoch + 1}/{epochs}"):
+        for batch, (x, y) in progress(batches, steps_per_epoch - first, f"epoch {epoch + 1}/{epochs}"):
             lr = lr_at(step, steps_per_epoch, o, epochs)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -211,22 +224,20 @@ def train(cfg: Config, device: torch.device) -> dict | None:
                                          "written from this state")
             trainer.step(loss)
             step += 1
-            totals += torch.stack([metrics["loss_sum"].double().cpu(), metrics["correct"].double().cpu(),
-                                   metrics["n"].double().cpu()])
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().double().cpu()
             if step % cfg.train.log_every == 0:
                 journal.write(kind="step", epoch=epoch + 1, step=step, lr=lr, loss=loss.item())
             every = cfg.train.checkpoint_every
             if every and step % every == 0 and batch < steps_per_epoch:
                 checkpoint(f"step_{step:08d}", epoch=epoch, batch=batch, step=step, steps_per_epoch=steps_per_epoch,
-                           totals=dist.all_gather_objects(totals.tolist()))
-        dist.all_reduce_sum(totals)
+                           totals=dist.all_gather_objects({k: float(v) for k, v in totals.items()}))
         seconds = time.perf_counter() - t0
-        summary = dict(epoch=epoch + 1, step=step, lr=lr, loss=totals[0].item() / totals[2].item(),
-                       train_acc=totals[1].item() / totals[2].item(), seconds=seconds,
-                       images_per_s=totals[2].item() / seconds)
+        summary = epoch_summary(totals, seconds, epoch=epoch + 1, step=step, lr=lr)
         journal.write(kind="epoch", **summary)
-        log.info("epoch %d/%d  loss %.4f  train acc %.4f  %.0f img/s  %.1fs", epoch + 1, epochs,
-                 summary["loss"], summary["train_acc"], summary["images_per_s"], seconds)
+        extra = "".join(f"  {k} {summary[k]:.4g}" for k in summary if k not in EPOCH_KEYS)
+        log.info("epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", epoch + 1, epochs,
+                 summary["loss"], summary["train_acc"], extra, summary["images_per_s"], seconds)
         checkpoint(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=step, metrics=summary)
         if dist.is_main():
             remove_step_checkpoints(ckpt_dir)  # superseded by the epoch's own
@@ -238,7 +249,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     exported = export_plain(method.export(model))  # plain BN layers: dual -> adaptive wing, sync -> local
     final = run_dir / "model.json"
     if dist.is_main():
-        save_checkpoint(run_dir, "model", exported.state_dict(), dict(config=to_dict(cfg), epoch=epochs, step=step))
+        save_checkpoint(run_dir, "model", exported.state_dict(), dict(config=cfg.to_dict(), epoch=epochs, step=step))
     dist.barrier()
     if not cfg.eval.at_end:
         return None
@@ -258,35 +269,3 @@ def chance_warning(acc: float, classes: int) -> str | None:
         return None
     return (f"clean accuracy {100 * acc:.1f}% is near chance (1/{classes} = {100 * chance:.1f}%): the model has "
             "barely learned; train longer (train.epochs, data.subset) or check optim.lr")
-
-
-def evaluate_run(cfg: Config, model, device, checkpoint: str, out: Path, journal=None) -> dict:
-    """Evaluate ``model`` (saved at ``checkpoint``) on cfg's dataset and eval settings; rank 0 writes
-    ``out``. AutoAttack keeps its resumable state next to ``out``."""
-    e, a = cfg.eval, cfg.attack
-    test_set, loader = None, None
-    if resolve_loader(cfg.data) == "ffcv" and e.split == "test" and not any(n.startswith("aa") for n in e.attacks):
-        loader = ffcv_eval_loader(cfg.data, e.split, cfg.data.eval_batch_size, device, e.limit)
-    else:  # AutoAttack and the held-out val split read the in-memory split
-        test_set = load_split(cfg.data, e.split)
-    eps = a.eps if e.eps is None else e.eps
-    norm = a.norm if e.norm is None else e.norm
-    fingerprint = read_sidecar(resolve(checkpoint))["sha256"]["model"]
-    t0 = time.perf_counter()
-    counts = evaluate(model, test_set, e.attacks, eps, cfg.data.eval_batch_size, device, limit=e.limit,
-                      seed=e.seed, norm=norm, restarts=e.restarts,
-                      attack_opts=eval_attack_opts(cfg),
-                      aa_state_dir=out.with_name(out.stem + ".aa-state"), fingerprint=fingerprint,
-                      progress=lambda it: _progress(it, None, "eval"), aa_block_size=e.aa_block_size,
-                      loader=loader)
-    results = {"dataset": cfg.data.name, "split": e.split, **counts, "checkpoint": checkpoint,
-               "seconds": time.perf_counter() - t0, "config": to_dict(cfg)}
-    if dist.is_main():
-        write_results(out, results)
-        if journal is not None:
-            journal.write(kind="eval", **{k: results[k] for k in ("n", "clean", "attacks")})
-        line = "  ".join([f"clean {results['clean']['acc']:.4f}"] +
-                         [f"{k} {v['acc']:.4f}" for k, v in results["attacks"].items()])
-        log.info("eval on %s/%s (n=%d, %s eps=%.4g): %s -> %s", cfg.data.name, e.split, results["n"], norm, eps,
-                 line, out)
-    return results

@@ -1,8 +1,29 @@
-"""The method interface."""
+"""What a method plug-in declares, and the two registries it declares itself into.
+
+A method is one file (or one package) under ``dist_robust/methods/``: a ``Method`` subclass with its
+``name``, its ``Config`` (a ``MethodConfig`` dataclass holding its own keys, which a recipe writes under
+``method:``, with the checks of those keys), the capabilities the engine asks about, and
+``prepare`` / ``loss`` / ``export``; ``@register`` enters it. A method with stages of its own (RiFT)
+registers their kinds with ``@register_stage``. ``methods/__init__.py`` imports every module of the
+package, so adding a method edits no other file.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
+
+
+@dataclass
+class MethodConfig:
+    """The ``method`` section: ``name`` picks the method; a method's own keys extend this class."""
+    name: str = "standard"              # a registered method (dist_robust.methods.METHODS)
+
+    def check(self, cfg, training: bool) -> None:
+        """The method's own checks: its keys, and what it needs of the other sections (``cfg``, resolved).
+        ``training``: the run trains (not an evaluation of a checkpoint). Raise utils.ConfigError."""
 
 
 class Method:
@@ -10,12 +31,13 @@ class Method:
 
     ``loss`` receives the training model (possibly DDP-wrapped: its forward is the one that
     synchronises gradients) and must run attacks on the unwrapped module (``attacks.attack_mode``
-    does this for it). Metrics are detached scalars summed over the batch so the engine can
-    aggregate them exactly: {"loss_sum", "correct", "n"}.
+    does this for it). Metrics are detached scalars summed over the batch: {"loss_sum", "correct",
+    "n"} and any others (``*_sum`` or counts), which the engine sums over ranks and logs per image.
     """
 
+    name: ClassVar[str]
+    Config: ClassVar[type] = MethodConfig
     uses_dual_bn = False  # TWINS: the tuned part's BN layers become two wings (models/dual_bn.py)
-    trades_loss = False   # the adversary is TRADES' KL one or a CE one (attack.loss kl | ce)
     pretext = False       # Adv-SS: labels come from a pretext task, the head is not the dataset's classifier
 
     def __init__(self, cfg):
@@ -29,6 +51,53 @@ class Method:
 
     def export(self, model: nn.Module) -> nn.Module:
         return model
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: enter a method under its ``name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice ({METHODS[cls.name].__module__}, {cls.__module__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class StageConfig:
+    """The ``stage`` section: ``kind`` says what a run does, ``train`` (the engine's loop, the default)
+    or a kind a method registered; that kind's own keys extend this class. In a recipe's ``stages``
+    list, ``kind: K`` is short for ``stage: {kind: K}``."""
+    kind: str = "train"
+
+    def check(self, cfg, training: bool) -> None:
+        """The kind's own checks, as MethodConfig.check."""
+
+
+@dataclass(frozen=True)
+class StageKind:
+    run: Callable       # run(cfg, device): one stage on every rank, writing into cfg's run folder
+    Config: type        # its StageConfig subclass
+    sources: tuple = ()  # its keys that name an earlier stage's model (``previous`` / ``stage:NAME``)
+
+
+STAGE_KINDS: dict[str, StageKind] = {}
+
+
+def register_stage(kind: str, config: type, sources: tuple = ()) -> Callable:
+    """Function decorator: enter ``run(cfg, device)`` as the stage kind ``kind``."""
+    def enter(run: Callable) -> Callable:
+        if kind in STAGE_KINDS or kind == "train":
+            raise ValueError(f"stage kind {kind!r} is registered twice")
+        STAGE_KINDS[kind] = StageKind(run, config, tuple(sources))
+        return run
+    return enter
+
+
+# Selectors of model.modules (RiFT's lowest_mrc): name -> resolve(init_from) -> a module name, used in
+# place of the selector when the run is built.
+MODULE_SELECTORS: dict[str, Callable[[str], str]] = {}
 
 
 def ce_with_metrics(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:

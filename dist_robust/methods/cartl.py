@@ -26,6 +26,7 @@ Config keys read (defaults in brackets):
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import math
 from typing import Optional
 
@@ -39,7 +40,28 @@ from ..attacks import attack_kwargs, pgd
 from ..dist import unwrap, world_size
 from ..models import block_names
 from ..models.partial import configure_finetuning
-from .base import Method, ce_with_metrics
+from ..utils import check
+from .base import Method, MethodConfig, ce_with_metrics, register
+
+
+@dataclass
+class CARTLConfig(MethodConfig):
+    cartl_lambda: float = 0.01          # weight of the feature distance (summed over the global batch)
+
+    def check(self, cfg, training):
+        check(self.cartl_lambda >= 0, "method.cartl_lambda", self.cartl_lambda, "must be >= 0")
+
+
+@dataclass
+class CARTLFineTuneConfig(MethodConfig):
+    sn_beta: float = 1.0                # spectral-norm bound of the tuned layers (0.4 for GTSRB)
+    sn_power_iters: int = 1             # power iterations per training forward
+
+    def check(self, cfg, training):
+        check(self.sn_beta > 0, "method.sn_beta", self.sn_beta, "must be > 0")
+        check(self.sn_power_iters >= 1, "method.sn_power_iters", self.sn_power_iters, "must be >= 1")
+        check(cfg.model.tuned_bn != "dual", "model.tuned_bn", cfg.model.tuned_bn,
+              "CARTL fine-tuning has no two-wing BN")
 
 __all__ = ["CARTLFeatureDistance", "CARTLFineTune", "CutFeatureHook", "apply_spectral_norm", "feature_distance",
            "remove_spectral_norm"]
@@ -100,6 +122,7 @@ def feature_distance(r_adv: torch.Tensor, r_clean: torch.Tensor) -> torch.Tensor
     return diff.norm(dim=1) / math.sqrt(diff.shape[1])
 
 
+@register
 class CARTLFeatureDistance(Method):
     """Stage 1: loss = CE(f(x_adv), y) + lambda * sum_i ||r_adv,i - r_clean,i||_2 / sqrt(d), i over the global batch.
 
@@ -120,6 +143,9 @@ class CARTLFeatureDistance(Method):
     selects on), ``n``, plus ``clean_correct`` and ``feature_dist_sum`` (sum of the per-sample
     distances) for monitoring.
     """
+
+    name = "cartl"
+    Config = CARTLConfig
 
     def __init__(self, cfg, lam: Optional[float] = None, last_k: Optional[int] = None):
         super().__init__(cfg)
@@ -241,6 +267,7 @@ def remove_spectral_norm(model: nn.Module) -> nn.Module:
     return model
 
 
+@register
 class CARTLFineTune(Method):
     """Stage 2: clean CE fine-tuning of the last k blocks and the head under spectral norm.
 
@@ -252,6 +279,9 @@ class CARTLFineTune(Method):
     parametrisation (plain W_SN weights, a plain model's state_dict keys); mid-run checkpoints keep the
     parametrised keys, which ``prepare`` recreates on resume.
     """
+
+    name = "cartl_ft"
+    Config = CARTLFineTuneConfig
 
     def __init__(self, cfg, beta: Optional[float] = None, last_k: Optional[int] = None,
                  power_iters: Optional[int] = None, tuned_bn: Optional[str] = None):

@@ -15,11 +15,29 @@ statistics only: a training forward normalises with its own batch's statistics, 
 forward repeats the first and the loss and the gradients are the same; but the reference folds the
 clean batch into the running statistics last (three updates a step), we the adversarial batch (two).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..attacks import attack_kwargs, pgd
-from .base import Method, ce_with_metrics
+from ..utils import check
+from .base import Method, MethodConfig, ce_with_metrics, register
+
+KL_REDUCTIONS = ("batchmean", "sum", "mean")
+
+
+@dataclass
+class TradesConfig(MethodConfig):
+    beta: float = 6.0                   # weight of the KL term
+    kl_reduction: str = "batchmean"     # KL: batchmean (sum / local batch, the reference) | sum | mean
+
+    def check(self, cfg, training):
+        check(self.beta >= 0, "method.beta", self.beta, "must be >= 0")
+        check(self.kl_reduction in KL_REDUCTIONS, "method.kl_reduction", self.kl_reduction,
+              f"must be one of {', '.join(KL_REDUCTIONS)}")
+        check(cfg.attack.loss in ("kl", "ce"), "attack.loss", cfg.attack.loss,
+              f"{self.name} takes the KL adversary (TRADES' reference) or the CE adversary (TWINS' and Adv-SS' code)")
 
 
 def kl_term(adv_logits: torch.Tensor, clean_logits: torch.Tensor, reduction: str, batch: int) -> torch.Tensor:
@@ -47,8 +65,10 @@ def trades_adversary(model, x, y, attack_cfg, bn_branch=None) -> torch.Tensor:
     return pgd(model, x, y, a.eps, a.steps, delta0=delta0, bn_branch=bn_branch, **kw)
 
 
+@register
 class TRADES(Method):
-    trades_loss = True
+    name = "trades"
+    Config = TradesConfig
 
     def loss(self, model, x, y):
         x_adv = trades_adversary(model, x, y, self.cfg.attack)

@@ -19,12 +19,39 @@ gradients are the same in either order, but the adaptive wing's running statisti
 adversarial batch last here (weight m, BN's momentum; the clean batch m(1 - m)) and the clean batch
 last in the authors' code. Those statistics are what the eval-mode attack and the evaluation use.
 """
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
 from ..dist import unwrap
 from ..models.dual_bn import bn_branch, dual_layers
-from .base import Method, ce_with_metrics
-from .trades import kl_term, trades_adversary
+from ..utils import check
+from .base import Method, MethodConfig, ce_with_metrics, register
+from .trades import TradesConfig, kl_term, trades_adversary
+
+
+@dataclass
+class TwinsConfig(MethodConfig):
+    twins_lambda: float = 1.0           # weight of the frozen wing's loss (1.0 CIFAR, 0.4 high-res)
+
+    def check(self, cfg, training):
+        m = cfg.model
+        check(self.twins_lambda >= 0, "method.twins_lambda", self.twins_lambda, "must be >= 0")
+        check(m.tuned_bn in ("auto", "dual"), "model.tuned_bn", m.tuned_bn,
+              f"{self.name} trains two BN wings in the tuned part: auto or dual")
+        check(m.trainable != "head", "model.trainable", m.trainable,
+              "TWINS needs BN layers in the tuned part (linear probing has none)")
+        # training only: an evaluation rebuilds a trained TWINS model from its checkpoint, with no source
+        check(not training or m.init_from is not None, "model.init_from", m.init_from,
+              f"method.name={self.name} fine-tunes a source model: without one its frozen BN wing would hold "
+              "freshly initialised statistics (model.init_from names the source)")
+
+
+@dataclass
+class TwinsTradesConfig(TradesConfig, TwinsConfig):
+    def check(self, cfg, training):
+        TradesConfig.check(self, cfg, training)
+        TwinsConfig.check(self, cfg, training)
 
 
 def _wing_ce(logits, y, lam):
@@ -32,7 +59,11 @@ def _wing_ce(logits, y, lam):
     return lam * F.cross_entropy(logits[:half], y[:half]) + F.cross_entropy(logits[half:], y[half:])
 
 
+@register
 class TwinsAT(Method):
+    """TWINS' two BN wings need an even per-rank batch (its halves): preflight checks it."""
+    name = "twins_at"
+    Config = TwinsConfig
     uses_dual_bn = True
 
     def prepare(self, model):
@@ -53,8 +84,10 @@ class TwinsAT(Method):
         return loss, metrics
 
 
+@register
 class TwinsTRADES(TwinsAT):
-    trades_loss = True
+    name = "twins_trades"
+    Config = TwinsTradesConfig
 
     def loss(self, model, x, y):
         m = self.cfg.method

@@ -1,7 +1,8 @@
 """The bottom floor: helpers every layer may use (files, seeding, sharding). Nothing here imports the
 rest of the project; tests/test_layers.py holds the floors' order."""
+from .checks import ConfigError, check
 from .files import atomic_write, sha256, sha256_file
 from .seeding import generator, stream_seed
 from .sharding import shard_indices
 
-__all__ = ["atomic_write", "generator", "sha256", "sha256_file", "shard_indices", "stream_seed"]
+__all__ = ["ConfigError", "atomic_write", "check", "generator", "sha256", "sha256_file", "shard_indices", "stream_seed"]

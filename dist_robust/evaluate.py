@@ -12,16 +12,22 @@ sharded in fixed blocks and resumable.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 
-from .. import dist
-from ..attacks import pgd, random_start
-from ..attacks.names import parse_attack
-from ..data import EvalLoader
-from ..utils import atomic_write
+from . import dist
+from .attacks import pgd, random_start
+from .attacks.names import parse_attack
+from .checkpoint import read_sidecar, resolve
+from .data import EvalLoader, load_split
+from .data.select import ffcv_eval_loader, resolve_loader
+from .report import progress
+from .utils import atomic_write
+log = logging.getLogger("dist_robust")
+
 
 def eval_attack_opts(cfg) -> dict:
     """pgd() keywords of every evaluation: the speed knobs come from ``attack.*``, the precision from
@@ -105,7 +111,7 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
 
 def _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed, state_dir, fingerprint,
                 block_size, version) -> dict:
-    from ..attacks.autoattack import autoattack
+    from .attacks.autoattack import autoattack
     t0 = time.perf_counter()
     res = autoattack(model, dataset, eps, norm=norm, batch_size=batch_size, device=device, limit=limit,
                      seed=seed, state_dir=state_dir, fingerprint=fingerprint, block_size=block_size, version=version)
@@ -123,3 +129,35 @@ def _pyautoattack_version() -> str:
 def write_results(path: Path, results: dict) -> None:
     """Rank 0 writes results atomically."""
     atomic_write(Path(path), (json.dumps(results, indent=1) + "\n").encode())
+
+
+def evaluate_run(cfg, model, device, checkpoint: str, out: Path, journal=None) -> dict:
+    """Evaluate ``model`` (saved at ``checkpoint``) on cfg's dataset and eval settings; rank 0 writes
+    ``out``. AutoAttack keeps its resumable state next to ``out``."""
+    e, a = cfg.eval, cfg.attack
+    test_set, loader = None, None
+    if resolve_loader(cfg.data) == "ffcv" and e.split == "test" and not any(n.startswith("aa") for n in e.attacks):
+        loader = ffcv_eval_loader(cfg.data, e.split, cfg.data.eval_batch_size, device, e.limit)
+    else:  # AutoAttack and the held-out val split read the in-memory split
+        test_set = load_split(cfg.data, e.split)
+    eps = a.eps if e.eps is None else e.eps
+    norm = a.norm if e.norm is None else e.norm
+    fingerprint = read_sidecar(resolve(checkpoint))["sha256"]["model"]
+    t0 = time.perf_counter()
+    counts = evaluate(model, test_set, e.attacks, eps, cfg.data.eval_batch_size, device, limit=e.limit,
+                      seed=e.seed, norm=norm, restarts=e.restarts,
+                      attack_opts=eval_attack_opts(cfg),
+                      aa_state_dir=out.with_name(out.stem + ".aa-state"), fingerprint=fingerprint,
+                      progress=lambda it: progress(it, None, "eval"), aa_block_size=e.aa_block_size,
+                      loader=loader)
+    results = {"dataset": cfg.data.name, "split": e.split, **counts, "checkpoint": checkpoint,
+               "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
+    if dist.is_main():
+        write_results(out, results)
+        if journal is not None:
+            journal.write(kind="eval", **{k: results[k] for k in ("n", "clean", "attacks")})
+        line = "  ".join([f"clean {results['clean']['acc']:.4f}"] +
+                         [f"{k} {v['acc']:.4f}" for k, v in results["attacks"].items()])
+        log.info("eval on %s/%s (n=%d, %s eps=%.4g): %s -> %s", cfg.data.name, e.split, results["n"], norm, eps,
+                 line, out)
+    return results

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dist
+from ... import dist
 
 __all__ = ["critical_modules", "interpolate_state", "module_robust_criticality", "project_relative",
            "rank_modules", "select_alpha", "write_alpha_curve", "write_mrc_table"]

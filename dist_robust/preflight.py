@@ -1,0 +1,109 @@
+"""What a valid config needs of this machine and this launch, checked by the CLI before any rank starts:
+the files it reads (data.root, model.init_from and a stage kind's sources, with their checkpoint headers),
+the optional packages it uses, the run folder it writes, and how its batch splits over the world size.
+Every failure is a one-line ``ConfigError`` (exit status 2), as config.py's."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from .checkpoint import CheckpointError, model_header, read_sidecar, resolve
+from .config import Config
+from .data import DATASETS
+from .methods import METHODS, STAGE_KINDS
+from .utils import ConfigError, check
+
+
+def preflight(stages: Sequence[Config], world_size: int = 1, training: bool = True) -> None:
+    """Check each stage of a recipe (one for a plain recipe) on this machine. A stage may start from a
+    model an earlier stage of the same recipe will write: those paths count as present."""
+    pending: set[str] = set()
+    for i, cfg in enumerate(stages):
+        try:
+            check_run(cfg, world_size, training, pending)
+        except ConfigError as e:
+            raise ConfigError(f"stages[{i}] ({cfg.run.name}): {e}" if len(stages) > 1 else str(e)) from None
+        pending.add(str(Path(cfg.run.out_dir) / cfg.run.name))
+
+
+def check_run(cfg: Config, world_size: int = 1, training: bool = True, pending: set = frozenset()) -> None:
+    d, source = cfg.data, DATASETS[cfg.data.name]
+    if source.info.needs_root:
+        check(d.root is not None and Path(d.root).expanduser().is_dir(), "data.root", d.root,
+              f"dataset {d.name} reads user files: a folder that holds them is required")
+        root = Path(d.root).expanduser()
+        check(not source.markers or any((root / f).is_file() for f in source.markers), "data.root", d.root,
+              f"holds no {d.name} files (looked for {', '.join(source.markers)})")
+        check(d.name != "imagefolder" or (root / "train").is_dir(), "data.root", d.root,
+              "imagefolder needs train/<class>/ (and test/<class>/) folders of images in it")
+    check(d.loader != "ffcv" or importlib.util.find_spec("ffcv") is not None, "data.loader", d.loader,
+          "FFCV is not installed (make install installs it)")
+    check(cfg.dist.engine != "deepspeed" or importlib.util.find_spec("deepspeed") is not None, "dist.engine",
+          cfg.dist.engine, "DeepSpeed is not installed (make install installs it)")
+    if not training:  # evaluation reads the checkpoint alone: not the sources, the training batch or the folder
+        return
+    _check_batch(cfg, world_size)
+    sources = [("model.init_from", cfg.model.init_from)]
+    if cfg.stage.kind in STAGE_KINDS:
+        sources += [(f"stage.{k}", getattr(cfg.stage, k)) for k in STAGE_KINDS[cfg.stage.kind].sources]
+    for key, path in sources:
+        check(path is None or Path(path).exists() or path in pending, key, path, "no such file or folder")
+        if path is not None and path not in pending:
+            _check_source(cfg, key, path, source.info if not source.info.needs_root else None)
+    _check_run_folder(cfg)
+
+
+def _check_batch(cfg: Config, world_size: int) -> None:
+    d, source = cfg.data, DATASETS[cfg.data.name]
+    size = source.train_size if not d.root else None  # known for packaged data (not elsewhere)
+    if size:
+        usable = min(d.subset or size, size - d.holdout)
+        check(usable >= d.batch_size, "data.batch_size", d.batch_size,
+              f"one global batch needs that many training images; {d.name} has {usable:,} here (data.subset, "
+              "data.holdout)" + (f", fewer than the {world_size} ranks" if world_size > usable else ""))
+    check(d.batch_size >= world_size, "data.batch_size", d.batch_size, f"smaller than the world size ({world_size})")
+    check(d.batch_size % world_size == 0, "data.batch_size", d.batch_size,
+          f"not divisible by the world size ({world_size})")
+    local_batch = d.batch_size // world_size
+    check(not METHODS[cfg.method.name].uses_dual_bn or local_batch % 2 == 0, "data.batch_size", d.batch_size,
+          f"{cfg.method.name} splits each rank's batch in two halves (its BN wings): the per-rank batch "
+          f"({local_batch}) must be even")
+
+
+def _check_source(cfg: Config, key: str, path: str, info) -> None:
+    """A checkpoint to start from: complete, of the configured architecture, and (where the head is
+    kept) with the dataset's classes, read from its sidecar and tensor header without loading it."""
+    try:
+        sidecar = resolve(path)
+        trained = read_sidecar(sidecar).get("config", {}).get("model", {}).get("name")
+        shapes = model_header(sidecar)
+    except CheckpointError as e:
+        raise ConfigError(f"{key}={path!r}: {e}") from None
+    check(trained in (None, cfg.model.name), key, path, f"holds a {trained} model, but model.name={cfg.model.name}")
+    if info is None:
+        return
+    channels = shapes.get("normalize.mean", [0, info.channels])[1]
+    check(channels == info.channels, key, path, f"a model for {channels}-channel images; {info.name} has "
+          f"{info.channels}")
+    classes = shapes.get("head.weight", [info.num_classes])[0]
+    check(cfg.model.new_head or key != "model.init_from" or classes == info.num_classes, key, path,
+          f"its head has {classes} classes, {info.name} has {info.num_classes} (model.new_head=true gives a new one)")
+
+
+def _check_run_folder(cfg: Config) -> None:
+    """A run folder that already holds another run (model, data or method differ) is not resumed or
+    overwritten by mistake: train.resume=never starts it over on purpose."""
+    previous = Path(cfg.run.out_dir) / cfg.run.name / "config.yaml"
+    if cfg.train.resume != "auto" or not previous.is_file():
+        return
+    try:
+        old = yaml.safe_load(previous.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    for section, key in (("model", "name"), ("data", "name"), ("method", "name")):
+        was, now = (old.get(section) or {}).get(key), getattr(getattr(cfg, section), key)
+        check(was in (None, now), "run.name", cfg.run.name, f"{previous.parent} holds another run ({section}.{key} "
+              f"{was}, here {now}): choose another run.name, or train.resume=never to start it over")
