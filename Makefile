@@ -63,7 +63,7 @@ bench: install
 	$(PY) bench/attacks.py
 	$(PY) bench/autoattack.py
 
-# The fine-tuning comparison (configs/finetune/): 2 pairs x 8 methods x 2 seeds on 2 ranks, with
+# The fine-tuning comparison (configs/finetune/): 2 pairs x 9 methods x 2 seeds on 2 ranks, with
 # AutoAttack on 100 points per run; resumable. Writes results/finetune.{md,json}.
 results: install
 	$(PY) scripts/finetune_results.py

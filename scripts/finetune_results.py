@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_robust.report import train_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["standard", "at", "trades", "aft", "twins_at", "twins_trades", "scratch_at", "aft_clean_source"]
+METHODS = ["standard", "at", "trades", "mart", "aft", "twins_at", "twins_trades", "scratch_at", "aft_clean_source"]
 TITLES = {"fashion_to_animal": "Fashion-MNIST -> Animal-MNIST", "mnist_to_fashion": "MNIST -> Fashion-MNIST"}
 
 

@@ -1,14 +1,16 @@
 """The training loop: one method, DDP or DeepSpeed, per-iteration LR, a checkpoint each epoch, evaluation
 at the end.
 
-Read top to bottom: build data, model and method -> resume the weights -> wrap (DDP or DeepSpeed) ->
-resume the optimizer -> for each epoch: for each batch: set lr, method loss, backward, step
-(-> checkpoint every train.checkpoint_every steps) -> checkpoint -> export -> exact sharded evaluation.
+Read top to bottom, as torchvision's reference scripts: ``setup`` (build data, model and method ->
+resume the weights -> wrap (DDP or DeepSpeed) -> resume the optimizer), ``train_one_epoch`` (for each
+batch: set lr, method loss, backward, step, a checkpoint every train.checkpoint_every steps), a
+checkpoint per epoch, ``export_and_evaluate`` (model.json, then exact sharded evaluation).
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -155,9 +157,40 @@ def epoch_summary(totals: dict, seconds: float, **where) -> dict:
     return dict(out, seconds=seconds, images_per_s=n / seconds)
 
 
-def train(cfg: Config, device: torch.device) -> dict | None:
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    ckpt_dir = run_dir / "checkpoints"
+@dataclass
+class Run:
+    """A training run's state between its steps: what ``train_one_epoch`` and ``save`` work on."""
+    cfg: Config
+    model: torch.nn.Module          # the plain module (attacks, checkpoints)
+    method: object
+    trainer: object                 # DDPTrainer or DeepSpeedTrainer: the training forward, optimizer, step
+    loader: object
+    journal: JsonlLog
+    step: int = 0                   # optimizer steps taken
+    start_epoch: int = 0            # where this process starts (a resumed run: the checkpoint's place)
+    start_batch: int = 0
+    resumed_totals: dict | list | None = None
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.run.out_dir) / self.cfg.run.name
+
+    def save(self, stem: str, **meta) -> None:
+        """A training checkpoint; on every rank (the gathers are collectives), written by rank 0."""
+        rngs = dist.all_gather_objects(rng_state())
+        world = dist.world_size()
+        buffers = dist.all_gather_objects({k: v.cpu() for k, v in self.model.named_buffers()}) if world > 1 else None
+        opt_state = self.trainer.optimizer.state_dict()  # ZeRO: assembled from every rank's partition
+        if dist.is_main():
+            save_checkpoint(self.folder / "checkpoints", stem, self.model.state_dict(),
+                            dict(config=self.cfg.to_dict(), rng=rngs, **meta), optimizer_state=opt_state,
+                            rank_buffers=buffers)
+        dist.barrier()
+
+
+def setup(cfg: Config, device: torch.device) -> Run:
+    """Build the run (data, model in its training form, method, optimizer, engine) and continue it from
+    its last good checkpoint if it has one (train.resume=auto)."""
     rank, world = dist.rank(), dist.world_size()
     train_set, model = build(cfg, device)
     method = build_method(cfg)
@@ -166,27 +199,29 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay, nesterov=o.nesterov)
     loader = train_loader(cfg.data, cfg.data.batch_size // world, rank, world, cfg.train.seed, device, train_set)
-    steps_per_epoch, epochs = len(loader), cfg.train.epochs
+    steps_per_epoch = len(loader)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # each rank draws its own attack noise
+    folder = Path(cfg.run.out_dir) / cfg.run.name
+    ckpt_dir = folder / "checkpoints"
     sidecar = last_good(ckpt_dir) if cfg.train.resume == "auto" and ckpt_dir.is_dir() else None
     start_epoch, start_batch, step, resumed_totals, own_buffers = (
         _resume(sidecar, model, steps_per_epoch) if sidecar else (0, 0, 0, None, {}))
     if sidecar:
         where = f"epoch {start_epoch + 1}, batch {start_batch}" if start_batch else f"epoch {start_epoch}"
-        log.info("resumed from %s: %s, step %d, lr %.4g", sidecar, where, step, lr_at(step, steps_per_epoch, o, epochs))
+        log.info("resumed from %s: %s, step %d, lr %.4g", sidecar, where, step,
+                 lr_at(step, steps_per_epoch, o, cfg.train.epochs))
     if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "config.yaml", cfg.to_yaml().encode())
-    journal = JsonlLog(run_dir / "log.jsonl" if dist.is_main() else None)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "config.yaml", cfg.to_yaml().encode())
+    journal = JsonlLog(folder / "log.jsonl" if dist.is_main() else None)
     # The training forward goes through the engine's wrapper; attacks use the unwrapped `model`.
     if cfg.dist.engine == "deepspeed":
         from .deepspeed import DeepSpeedTrainer
         trainer = DeepSpeedTrainer(model, opt, cfg, cfg.data.batch_size // world)
     else:
         trainer = DDPTrainer(model, opt, device)
-    train_model, opt = trainer.model, trainer.optimizer
     if sidecar:  # the engine holds the optimizer's state now (ZeRO: partitioned over the ranks)
-        load_optimizer(sidecar, opt)
+        load_optimizer(sidecar, trainer.optimizer)
     with torch.no_grad():  # after the wrapper's construction, which copies rank 0's buffers to every rank
         for name, buf in model.named_buffers():
             if name in own_buffers:
@@ -195,70 +230,79 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     log.info("%s: %s on %s (%d images, %s loader, %d ranks, %d steps/epoch), method %s, %s, device %s",
              cfg.run.name, cfg.model.name, cfg.data.name, loader.num_points, resolve_loader(cfg.data), world,
              steps_per_epoch, cfg.method.name, engine, device)
+    return Run(cfg, model, method, trainer, loader, journal, step, start_epoch, start_batch, resumed_totals)
 
-    def checkpoint(stem: str, **meta) -> None:  # on every rank: the gathers are collectives
-        rngs = dist.all_gather_objects(rng_state())
-        buffers = dist.all_gather_objects({k: v.cpu() for k, v in model.named_buffers()}) if world > 1 else None
-        opt_state = opt.state_dict()  # ZeRO: assembled from every rank's partition
-        if dist.is_main():
-            save_checkpoint(ckpt_dir, stem, model.state_dict(), dict(config=cfg.to_dict(), rng=rngs, **meta),
-                            optimizer_state=opt_state, rank_buffers=buffers)
-        dist.barrier()
 
-    for epoch in range(start_epoch, epochs):
-        loader.set_epoch(epoch)
-        first = start_batch if epoch == start_epoch else 0
-        model.train()
-        totals = _totals(resumed_totals if first else {})  # metric -> this rank's sum over the epoch's batches
-        t0 = time.perf_counter()
-        batches = enumerate(loader.iter_from(epoch, first), first + 1)
-        for batch, (x, y) in progress(batches, steps_per_epoch - first, f"epoch {epoch + 1}/{epochs}"):
-            lr = lr_at(step, steps_per_epoch, o, epochs)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss, metrics = method.loss(train_model, x, y)
-            bad = nonfinite_ranks(loss)
-            if bad:
-                raise FloatingPointError(f"non-finite loss at step {step + 1} (epoch {epoch + 1}) on rank(s) "
-                                         f"{', '.join(map(str, bad))}: stopped before the update, no checkpoint "
-                                         "written from this state")
-            trainer.step(loss)
-            step += 1
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value.detach().double().cpu()
-            if step % cfg.train.log_every == 0:
-                journal.write(kind="step", epoch=epoch + 1, step=step, lr=lr, loss=loss.item())
-            every = cfg.train.checkpoint_every
-            if every and step % every == 0 and batch < steps_per_epoch:
-                checkpoint(f"step_{step:08d}", epoch=epoch, batch=batch, step=step, steps_per_epoch=steps_per_epoch,
-                           totals=dist.all_gather_objects({k: float(v) for k, v in totals.items()}))
-        seconds = time.perf_counter() - t0
-        summary = epoch_summary(totals, seconds, epoch=epoch + 1, step=step, lr=lr)
-        journal.write(kind="epoch", **summary)
-        extra = "".join(f"  {k} {summary[k]:.4g}" for k in summary if k not in EPOCH_KEYS)
-        log.info("epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", epoch + 1, epochs,
-                 summary["loss"], summary["train_acc"], extra, summary["images_per_s"], seconds)
-        checkpoint(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=step, metrics=summary)
-        if dist.is_main():
-            remove_step_checkpoints(ckpt_dir)  # superseded by the epoch's own
+def train_one_epoch(run: Run, epoch: int) -> dict:
+    """One epoch (from the resumed batch if it is the resumed one): per-iteration lr, the method's loss,
+    the engine's step, the step checkpoints; returns the epoch's summary, every metric summed over ranks."""
+    cfg, opt, steps_per_epoch, epochs = run.cfg, run.trainer.optimizer, len(run.loader), run.cfg.train.epochs
+    run.loader.set_epoch(epoch)
+    first = run.start_batch if epoch == run.start_epoch else 0
+    run.model.train()
+    totals = _totals(run.resumed_totals if first else {})  # metric -> this rank's sum over the epoch's batches
+    t0 = time.perf_counter()
+    batches = enumerate(run.loader.iter_from(epoch, first), first + 1)
+    for batch, (x, y) in progress(batches, steps_per_epoch - first, f"epoch {epoch + 1}/{epochs}"):
+        lr = lr_at(run.step, steps_per_epoch, cfg.optim, epochs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, metrics = run.method.loss(run.trainer.model, x, y)
+        bad = nonfinite_ranks(loss)
+        if bad:
+            raise FloatingPointError(f"non-finite loss at step {run.step + 1} (epoch {epoch + 1}) on rank(s) "
+                                     f"{', '.join(map(str, bad))}: stopped before the update, no checkpoint "
+                                     "written from this state")
+        run.trainer.step(loss)
+        run.step += 1
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().double().cpu()
+        if run.step % cfg.train.log_every == 0:
+            run.journal.write(kind="step", epoch=epoch + 1, step=run.step, lr=lr, loss=loss.item())
+        every = cfg.train.checkpoint_every
+        if every and run.step % every == 0 and batch < steps_per_epoch:
+            run.save(f"step_{run.step:08d}", epoch=epoch, batch=batch, step=run.step, steps_per_epoch=steps_per_epoch,
+                     totals=dist.all_gather_objects({k: float(v) for k, v in totals.items()}))
+    seconds = time.perf_counter() - t0
+    summary = epoch_summary(totals, seconds, epoch=epoch + 1, step=run.step, lr=lr)
+    run.journal.write(kind="epoch", **summary)
+    extra = "".join(f"  {k} {summary[k]:.4g}" for k in summary if k not in EPOCH_KEYS)
+    log.info("epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", epoch + 1, epochs,
+             summary["loss"], summary["train_acc"], extra, summary["images_per_s"], seconds)
+    return summary
 
+
+def export_and_evaluate(run: Run, device: torch.device) -> dict | None:
+    """The run's model: exported (model.json) and, with eval.at_end, evaluated (results.json)."""
+    cfg = run.cfg
     # Ranks' BN running statistics differ after their last step (DDP broadcasts rank 0's before each
     # forward, then every rank updates its own). model.json holds rank 0's, and every rank evaluates
     # its shard of model.json: without this, rank 1's points met other statistics.
-    dist.broadcast_buffers(model)
-    exported = export_plain(method.export(model))  # plain BN layers: dual -> adaptive wing, sync -> local
-    final = run_dir / "model.json"
+    dist.broadcast_buffers(run.model)
+    exported = export_plain(run.method.export(run.model))  # plain BN layers: dual -> adaptive wing, sync -> local
     if dist.is_main():
-        save_checkpoint(run_dir, "model", exported.state_dict(), dict(config=cfg.to_dict(), epoch=epochs, step=step))
+        save_checkpoint(run.folder, "model", exported.state_dict(),
+                        dict(config=cfg.to_dict(), epoch=cfg.train.epochs, step=run.step))
     dist.barrier()
     if not cfg.eval.at_end:
         return None
-    results = evaluate_run(cfg, exported, device, checkpoint=str(final), out=run_dir / "results.json",
-                           journal=journal)
+    results = evaluate_run(cfg, exported, device, checkpoint=str(run.folder / "model.json"),
+                           out=run.folder / "results.json", journal=run.journal)
     warning = chance_warning(results["clean"]["acc"], exported.head.out_features)
     if warning and dist.is_main():
         log.warning("%s: %s", cfg.run.name, warning)
     return results
+
+
+def train(cfg: Config, device: torch.device) -> dict | None:
+    """Setup (and resume), the epochs (a checkpoint after each), then export and evaluation."""
+    run = setup(cfg, device)
+    for epoch in range(run.start_epoch, cfg.train.epochs):
+        summary = train_one_epoch(run, epoch)
+        run.save(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=run.step, metrics=summary)
+        if dist.is_main():
+            remove_step_checkpoints(run.folder / "checkpoints")  # superseded by the epoch's own
+    return export_and_evaluate(run, device)
 
 
 def chance_warning(acc: float, classes: int) -> str | None:
