@@ -29,11 +29,11 @@ RECIPE = {
         {"name": "cartl_ft", "method": {"name": "cartl_ft"}, "model": {"init_from": "stage:src"}},
         {"name": "pretext", "method": {"name": "adv_rotation"}, "eval": {"at_end": False}},
         {"name": "mrc", "kind": "rift_mrc", "model": {"init_from": "stage:src"},
-         "rift": {"mrc_points": 32, "mrc_epochs": 1}},
+         "stage": {"mrc_points": 32, "mrc_epochs": 1}},
         {"name": "ft", "method": {"name": "standard"}, "model": {
             "init_from": "previous", "new_head": False, "trainable": "modules", "modules": ["lowest_mrc"]}},
         {"name": "interp", "kind": "rift_interpolate", "model": {"init_from": "previous"},
-         "rift": {"robust_from": "stage:src", "alphas": [0.0, 1.0], "select_attack": "pgd-2"}},
+         "stage": {"robust_from": "stage:src", "alphas": [0.0, 1.0], "select_attack": "pgd-2"}},
     ],
 }
 EVAL = ["--dataset", "digits", "--limit", "32", "--attacks", "clean,pgd-2"]
