@@ -11,8 +11,9 @@ runs only what it lacks) and results/finetune.md, a markdown table (mean +- samp
 
 ``--remeasure-aa``: rows whose AutoAttack came from the earlier backend (torchattacks' ports) get it
 again from fra31's code; the old figure is kept as ``aa_torchattacks``. A run whose folder is gone is
-retrained first (clean evaluation only: training is deterministic, and the clean accuracy on the full
-test split must equal the recorded one, which ``same_model`` records).
+retrained first (clean evaluation only); ``same_model`` records whether its clean accuracy on the full
+test split equals the recorded one. As the retrained model may differ, PGD-20 on the same first points
+is measured on it too (``aa_pgd20_now``), the figure AutoAttack is compared with.
 """
 from __future__ import annotations
 
@@ -94,14 +95,30 @@ def remeasure_aa(recipe: Path, seed: int, row: dict, nproc: int, aa_limit: int) 
     if not (out / "results.json").is_file():
         torchrun(nproc, "train", str(recipe), f"train.seed={seed}", f"run.name={name}", "eval.attacks=[clean]")
     res = json.loads((out / "results.json").read_text())
-    aa_file = out / f"aa{aa_limit}-fra31.json"
-    if not aa_file.is_file():
-        torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", res["dataset"], "--attacks", "clean,aa",
-                 "--limit", str(aa_limit), "--aa-block-size", str(-(-aa_limit // nproc)), "--out", str(aa_file))
-    aa = json.loads(aa_file.read_text())
-    return dict(row, aa_torchattacks=row["aa"], aa=aa["attacks"]["aa"]["acc"], aa_s=aa["seconds"],
-                aa_backend=aa["attacks"]["aa"]["backend"], clean_now=res["clean"]["acc"],
-                same_model=abs(res["clean"]["acc"] - row["clean"]) < 1e-9)
+    if "clean_now" in row and abs(res["clean"]["acc"] - row["clean_now"]) > 1e-9:
+        print(f"! {name}: retrained model differs from the one AutoAttack ran on; row left as it was")
+        return row
+    if fra31(row) is None:
+        aa_file = out / f"aa{aa_limit}-fra31.json"
+        if not aa_file.is_file():
+            torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", res["dataset"], "--attacks", "clean,aa",
+                     "--limit", str(aa_limit), "--aa-block-size", str(-(-aa_limit // nproc)), "--out", str(aa_file))
+        aa = json.loads(aa_file.read_text())
+        row = dict(row, aa_torchattacks=row["aa"], aa=aa["attacks"]["aa"]["acc"], aa_s=aa["seconds"],
+                   aa_backend=aa["attacks"]["aa"]["backend"], clean_now=res["clean"]["acc"],
+                   same_model=abs(res["clean"]["acc"] - row["clean"]) < 1e-9)
+    # PGD-20 on the same points of the model AutoAttack ran on: the retrained model may not be the
+    # recorded one, and AutoAttack is only comparable with PGD-20 on the same model.
+    pgd_file = out / f"pgd{aa_limit}-now.json"
+    if not pgd_file.is_file():
+        torchrun(nproc, "eval", "--checkpoint", str(out), "--dataset", res["dataset"], "--attacks", "clean,pgd-20",
+                 "--limit", str(aa_limit), "--out", str(pgd_file))
+    return dict(row, aa_pgd20_now=json.loads(pgd_file.read_text())["attacks"]["pgd-20"]["acc"])
+
+
+def remeasure_due(row: dict) -> bool:
+    """A row whose AutoAttack is torchattacks' port, or fra31's on a retrained model without PGD-20 beside it."""
+    return fra31(row) is None or ("aa_torchattacks" in row and "aa_pgd20_now" not in row)
 
 
 def summary(values: list[float]) -> str:
@@ -124,15 +141,19 @@ def write(table: dict, args, out: Path) -> str:
         lines += [f"\n**{TITLES.get(pair, pair)}** (L-inf eps 0.1; clean and PGD-20 on the {runs[0]['n']:,} test "
                   f"images, AutoAttack on the first {args.aa_limit}; mean ± std over seeds)\n",
                   f"| method | seeds | clean % | PGD-20 % | PGD-20 % (first {args.aa_limit}) | AutoAttack % (fra31) "
-                  f"| its seeds | torchattacks' port, same seeds |", "|---|---|---|---|---|---|---|---|"]
+                  f"| its seeds | PGD-20 % on its models (first {args.aa_limit}) "
+                  f"| torchattacks' port, the seeds' earlier models |", "|---|---|---|---|---|---|---|---|---|"]
         for method in [m for m in METHODS if m in rows] + [m for m in rows if m not in METHODS]:
             runs = list(rows[method].values())
             pgd = summary([r["aa_pgd20"] for r in runs]) if all("aa_pgd20" in r for r in runs) else "-"
             fra = {seed: fra31(r) for seed, r in rows[method].items() if fra31(r)}
             old = [v[1] for v in fra.values() if v[1] is not None]
+            # PGD-20 on the very models AutoAttack ran on (a re-measured row's model was retrained)
+            same = [rows[method][seed].get("aa_pgd20_now" if v[1] is not None else "aa_pgd20") for seed, v in fra.items()]
             lines.append(f"| {method} | {','.join(rows[method])} | {summary([r['clean'] for r in runs])} | "
                          f"{summary([r['pgd20'] for r in runs])} | {pgd} | "
                          f"{summary([v[0] for v in fra.values()]) if fra else '-'} | {','.join(fra) or '-'} | "
+                         f"{summary(same) if fra and None not in same else '-'} | "
                          f"{summary(old) if old and len(old) == len(fra) else '-'} |")
     text = "\n".join(lines)
     (out / "finetune.md").write_text(text.lstrip() + "\n")
@@ -163,7 +184,7 @@ def main() -> None:
             rows.setdefault(method, {})[seed] = one_run(folder / f"{method}.yaml", int(seed), args.nproc, args.aa_limit)
             write(table, args, out)
         stale = [(m, s) for m in args.methods.split(",") for s in args.seeds.split(",")
-                 if args.remeasure_aa and s in rows.get(m, {}) and fra31(rows[m][s]) is None]
+                 if args.remeasure_aa and s in rows.get(m, {}) and remeasure_due(rows[m][s])]
         retrain = [m for m, s in stale if not (run_dir(folder / f"{m}.yaml", f"{m}-s{s}") / "results.json").is_file()]
         for source in ("source_at", "source_clean") if retrain else ():
             ensure_source(pair, source, args.nproc)
