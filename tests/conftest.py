@@ -1,7 +1,11 @@
-"""Shared test helpers: real multi-process gloo groups on CPU, and tiny recipes."""
+"""Shared test helpers: real multi-process gloo groups on CPU, tiny recipes, and the one 2-rank
+reference run that every test comparing against "an unbroken 2-rank PGD-AT run" reuses."""
 import os
+import subprocess
+import sys
 import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,40 @@ TINY = [  # a recipe small enough for a test: digits, 1 epoch, 1-step PGD-AT
     "optim.milestones=[2]", "train.epochs=1", "train.log_every=5", "eval.limit=101",
     "eval.attacks=[clean,pgd-3]", "data.eval_batch_size=32",
 ]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = "configs/quickstart.yaml"
+# The reference run: digits, 22 steps per epoch on 2 ranks (global batch 64), 2 epochs, the LR dropping
+# inside the second (so momentum and the schedule matter), random crops, a checkpoint every 3 steps
+# (some inside each epoch), every step's loss logged; about 90% clean and 64% PGD-3 accuracy, 12 s.
+# Tests that resume, kill, switch engine or loader, or launch differently train with these arguments
+# and must end where this run ends.
+REFERENCE = [*TINY, "optim.lr=0.2", "data.crop_padding=1", "train.epochs=2", "optim.milestones=[1.5]",
+             "train.checkpoint_every=3", "train.log_every=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --standalone`` on nproc CPU ranks running ``dist_robust args``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "dist_robust", *args]
+
+
+def train_reference(out_dir, name: str, *extra: str, timeout: int = 600) -> Path:
+    """A 2-rank torchrun run of the reference recipe (plus ``extra``) in out_dir/name; what it printed
+    is kept beside the run folder, in out_dir/name.out."""
+    cmd = torchrun_cmd("train", QUICKSTART, *REFERENCE, f"run.out_dir={out_dir}", f"run.name={name}", *extra)
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    (Path(out_dir) / f"{name}.out").write_text(r.stdout + r.stderr)
+    return Path(out_dir) / name
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """The folder of the reference run, trained once per test session."""
+    return train_reference(tmp_path_factory.mktemp("reference"), "ref")
 
 
 def _entry(rank, world, init_file, fn, args):

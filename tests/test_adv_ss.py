@@ -244,6 +244,7 @@ def _ddp_steps(rank, world):
         assert not torch.equal(start[head], model.state_dict()[head]), name
 
 
+@pytest.mark.multiproc
 def test_ensemble_and_selfie_under_ddp_keep_ranks_in_sync():
     """Only the clean forward goes through DDP; the gradients of the adversarial forward and of the
     penalty (double backward) are averaged by the same backward. Selfie-only: its frozen head is

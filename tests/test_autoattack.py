@@ -67,10 +67,40 @@ def _one_thread(fn):
 
 
 @pytest.fixture(scope="module")
-def ours(trained):
-    """The uninterrupted single-process run in blocks of BLOCK that the other tests compare with."""
+def stopped_and_resumed(trained, tmp_path_factory):
+    """The single-process run in blocks of BLOCK, stopped after APGD-CE (as if killed there) and run
+    again from its saved state: (the stopped run's result, the resumed one's, the log of the resume)."""
     model, test, _ = trained
-    return _one_thread(lambda: autoattack(model, test, EPS, limit=N, block_size=BLOCK, batch_size=BLOCK))
+    kw = dict(limit=N, block_size=BLOCK, batch_size=BLOCK, state_dir=tmp_path_factory.mktemp("aa_state"),
+              fingerprint="sha-of-model")
+    first = _one_thread(lambda: autoattack(model, test, EPS, stop_after="apgd-ce", **kw))
+    handler, logger = _Records(), logging.getLogger("dist_robust")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        resumed = _one_thread(lambda: autoattack(model, test, EPS, **kw))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return first, resumed, kw, handler.text
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.text = ""
+
+    def emit(self, record):
+        self.text += record.getMessage() + "\n"
+
+
+@pytest.fixture(scope="module")
+def ours(stopped_and_resumed):
+    """The single-process result in blocks of BLOCK that the other tests compare with. It is the resumed
+    run (one full cascade fewer for the suite): the two-rank test checks it against 2 uninterrupted
+    ranks, so a resume that changed any count fails there as well as in the resume test."""
+    return stopped_and_resumed[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +109,7 @@ def reference_flags(trained):
     model, test, _ = trained
     x, y = test.images[:N].float() / 255, test.labels[:N]
     adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
-    _, y_adv = _one_thread(lambda: adversary.run_standard_evaluation(x, y, batch_size=BLOCK))
+    _, y_adv = _one_thread(lambda: adversary.run_standard_evaluation(x, y, batch_size=N))
     return y_adv == y  # the label it ends on: the clean one for a robust point, a wrong one otherwise
 
 
@@ -89,10 +119,11 @@ def _counts(res):
 
 
 def test_one_block_gives_the_reference_flags_point_by_point(trained, reference_flags, tmp_path):
-    """One block of all N points on one rank, the same seed and batch size: our chunks are the
-    reference's batches and every attack call gets the reference's seed, so the flags must be equal."""
+    """One block of all N points on one rank, the same seed and batch size (all N in one batch: each
+    attack's cost is mostly per iteration, not per point): our chunk is the reference's batch and every
+    attack call gets the reference's seed, so the flags must be equal."""
     model, test, _ = trained
-    res = _one_thread(lambda: autoattack(model, test, EPS, limit=N, block_size=N, batch_size=BLOCK,
+    res = _one_thread(lambda: autoattack(model, test, EPS, limit=N, block_size=N, batch_size=N,
                                          state_dir=tmp_path))
     flags = load_file(str(tmp_path / "rank0.safetensors"))["after.square"].bool()
     assert 0 < int(reference_flags.sum()) < res["clean"]["correct"]  # the attacks decide something
@@ -136,10 +167,21 @@ def test_settings_are_the_reference_standard_version():
     assert list(rand) == ["apgd-ce", "apgd-dlr"] and rand["apgd-ce"]["eot_iter"] == 20
 
 
-def test_plus_and_rand_versions_through_evaluate(trained, tmp_path):
+def _cut_budgets(atk):
+    """A library attack with its iterations cut to a few (the wiring is under test, not the budgets)."""
+    ref = atk.adversary
+    ref.apgd.n_iter = ref.apgd_targeted.n_iter = ref.fab.n_iter = 3
+    ref.square.n_queries = 30
+    return atk
+
+
+def test_plus_and_rand_versions_through_evaluate(trained, tmp_path, monkeypatch):
     """The versions are wired: names, attack lists, recorded budgets, one resumable state each. At eps
-    0.3 APGD-CE fools every point, so this stays fast; the next test exercises the other attacks."""
+    0.3 APGD-CE fools every point, and the library attacks run 3 iterations (the recorded budgets stay
+    the versions' own); the next test exercises every attack."""
     model, test, _ = trained
+    build = aa_mod.build_attack
+    monkeypatch.setattr(aa_mod, "build_attack", lambda *a, **k: _cut_budgets(build(*a, **k)))
     res = evaluate(model, test, ["clean", "aa", "aa-plus", "aa-rand"], 0.3, 8, torch.device("cpu"), limit=8,
                    aa_state_dir=tmp_path, aa_block_size=8)
     att = res["attacks"]
@@ -157,11 +199,9 @@ def test_every_attack_of_plus_is_called_as_the_reference_calls_it(trained):
     model, test, _ = trained
     x, y = test.images[:4].float() / 255, test.labels[:4]
     for name in attacks_of("plus"):
-        atk = aa_mod.build_attack(name, model, EPS, "Linf", 10, "plus")
+        atk = _cut_budgets(aa_mod.build_attack(name, model, EPS, "Linf", 10, "plus"))
         ref = atk.adversary
-        ref.apgd.n_iter = ref.apgd_targeted.n_iter = ref.fab.n_iter = 3
         ref.apgd.n_restarts = ref.fab.n_restarts = ref.apgd_targeted.n_target_classes = ref.fab.n_target_classes = 2
-        ref.square.n_queries = 30
         atk.seed = 0
         with torch.enable_grad():
             x_adv = atk(x, y)
@@ -220,16 +260,25 @@ def _rank_worker(rank, world, weights, out_dir, state_dir):
         json.dump({"full": full, "idle": idle, "first": first, "again": again}, f)
 
 
-def test_two_ranks_count_exactly_what_one_process_counts(trained, ours, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(trained, tmp_path_factory):
+    """What each of 2 ranks returned from _rank_worker, and the folder of their files."""
+    _, _, weights = trained
+    out = tmp_path_factory.mktemp("aa_ranks")
+    run_ranks(_rank_worker, 2, weights, str(out), str(out / "state"))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)], out
+
+
+@pytest.mark.multiproc
+def test_two_ranks_count_exactly_what_one_process_counts(trained, ours, two_ranks, tmp_path):
     model, test, weights = trained
-    run_ranks(_rank_worker, 2, weights, str(tmp_path), str(tmp_path / "state"))
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    res, out = two_ranks
     assert res[0]["full"]["world_size"] == 2 and res[0]["full"]["n"] == N
     assert _counts(res[0]["full"]) == _counts(res[1]["full"]) == _counts(ours)
     # the same random draws for the same points: point by point, 5 blocks split 3 + 2 over the ranks
     _one_thread(lambda: _noisy(model, test, tmp_path / "noisy1"))
     one = load_file(str(tmp_path / "noisy1" / "rank0.safetensors"))["after.square"]
-    two = [load_file(str(tmp_path / "noisy2" / f"rank{r}.safetensors"))["after.square"] for r in (0, 1)]
+    two = [load_file(str(out / "noisy2" / f"rank{r}.safetensors"))["after.square"] for r in (0, 1)]
     assert (len(two[0]), len(two[1])) == (64, 56) and torch.equal(torch.cat(two), one)
     idle_one = _one_thread(lambda: autoattack(model, test, EPS, limit=12, block_size=BLOCK, batch_size=BLOCK,
                                               attacks=AA_STANDARD[:2]))
@@ -239,20 +288,19 @@ def test_two_ranks_count_exactly_what_one_process_counts(trained, ours, tmp_path
         assert _counts(r["again"]) == _counts(r["first"])
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, ours, tmp_path, caplog):
+@pytest.mark.multiproc
+def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, stopped_and_resumed, two_ranks, caplog):
     model, test, _ = trained
-    kw = dict(limit=N, block_size=BLOCK, batch_size=BLOCK, state_dir=tmp_path, fingerprint="sha-of-model")
-    first = _one_thread(lambda: autoattack(model, test, EPS, stop_after="apgd-ce", **kw))
+    first, resumed, kw, log_text = stopped_and_resumed
     assert list(first["per_attack"]) == ["apgd-ce"] and first["stopped_after"] == "apgd-ce"
-    assert (tmp_path / "rank0.safetensors").exists()
-    with caplog.at_level(logging.INFO, logger="dist_robust"):
-        resumed = _one_thread(lambda: autoattack(model, test, EPS, **kw))
-    assert "resuming after apgd-ce" in caplog.text
+    assert (kw["state_dir"] / "rank0.safetensors").exists()
+    assert "resuming after apgd-ce" in log_text
     assert resumed["resumed"] == ["apgd-ce"]
     assert resumed["per_attack"]["apgd-ce"]["resumed"] is True
     assert resumed["per_attack"]["apgd-ce"]["time_s"] == first["per_attack"]["apgd-ce"]["time_s"]  # recorded
     assert all(not resumed["per_attack"][a]["resumed"] for a in AA_STANDARD[1:])
-    assert _counts(resumed) == _counts(ours) and resumed["acc"] == ours["acc"]
+    uninterrupted = two_ranks[0][0]["full"]  # the same blocks, never stopped (2 ranks count as 1: next test)
+    assert _counts(resumed) == _counts(uninterrupted) and resumed["acc"] == uninterrupted["acc"]
 
     caplog.clear()  # another eps (or checkpoint): the saved state is stale, reported and not used
     with caplog.at_level(logging.WARNING, logger="dist_robust"):

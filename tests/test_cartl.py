@@ -158,6 +158,7 @@ def _fdm_grad_worker(rank, world, out_dir):
         torch.save({k: p.grad for k, p in model.named_parameters()}, f"{out_dir}/grads.pt")
 
 
+@pytest.mark.multiproc
 def test_fdm_gradient_is_the_same_on_two_ranks_as_on_one_at_the_same_global_batch(tmp_path):
     """The penalty is a sum over the global batch (the authors' single-GPU batch): 2 ranks x 8 give the
     gradient of 1 rank x 16, not one with half the feature-distance weight."""
@@ -307,6 +308,7 @@ def _ddp_steps(rank, world):
         model = method.export(model)
 
 
+@pytest.mark.multiproc
 def test_both_stages_under_ddp_keep_ranks_in_sync():
     run_ranks(_ddp_steps, 2)
 

@@ -73,6 +73,7 @@ def test_missing_and_malformed_recipes(tmp_path):
 
 @pytest.mark.parametrize("program", [[sys.executable, "-m", "dist_robust"],
                                      [str(Path(sys.executable).with_name("dist-robust"))]])
+@pytest.mark.multiproc
 def test_console_entries_exit_2(program):
     r = subprocess.run(program + ["train", RECIPE, "attack.eps=-1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2

@@ -2,12 +2,14 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dist_robust.checkpoint import load_checkpoint
 from dist_robust.models import build_model, load_backbone
 
 
+@pytest.mark.multiproc
 def test_madry_checkpoint_converts_and_loads_as_a_backbone(tmp_path):
     torch.manual_seed(0)
     src = build_model("resnet50", 3, 1000, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

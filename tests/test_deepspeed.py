@@ -2,7 +2,6 @@
 (ZeRO 0 and 2 for PGD-AT; ZeRO-2 for every method, TWINS with its synchronised adaptive wing), its
 checkpoints are the project's format and resume under DDP and back, and launch/deepspeed.sh runs it
 with a hostfile."""
-import os
 import shutil
 import subprocess
 import sys
@@ -12,26 +11,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import ENV, QUICKSTART, REFERENCE, ROOT, train_reference
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = "configs/quickstart.yaml"
-# 8 steps per epoch, 2 epochs, the LR drops inside the second: enough for momentum to matter
-SMALL = [*TINY, "data.subset=512", "train.epochs=2", "optim.milestones=[1.5]", "eval.at_end=false"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
+
+QUIET = ["eval.at_end=false", "train.checkpoint_every=0"]  # numbers unchanged; epoch checkpoints only
 
 
 def _train(tmp_path, name, *extra, launcher="torchrun"):
-    args = ["train", RECIPE, *SMALL, f"run.out_dir={tmp_path}", f"run.name={name}", *extra]
+    """The shared reference recipe (conftest.REFERENCE) under another engine or launcher."""
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "dist_robust", *args]
-        env = ENV
-    else:  # launch/deepspeed.sh with a one-host hostfile (it adds dist.engine=deepspeed)
-        hostfile = tmp_path / "hostfile"
-        hostfile.write_text("localhost slots=2\n")
-        cmd = [str(ROOT / "launch" / "deepspeed.sh"), *args[1:]]
-        env = {**ENV, "HOSTFILE": str(hostfile), "DIST_ROBUST_PYTHON": sys.executable, "MASTER_PORT": "29731"}
+        return train_reference(tmp_path, name, *QUIET, *extra)
+    # launch/deepspeed.sh with a one-host hostfile (it adds dist.engine=deepspeed)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    cmd = [str(ROOT / "launch" / "deepspeed.sh"), QUICKSTART, *REFERENCE, f"run.out_dir={tmp_path}",
+           f"run.name={name}", *QUIET, *extra]
+    env = {**ENV, "HOSTFILE": str(hostfile), "DIST_ROBUST_PYTHON": sys.executable, "MASTER_PORT": "29731"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return tmp_path / name
@@ -50,9 +46,9 @@ def _momentum(run: Path, epoch: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, reference):
     tmp = tmp_path_factory.mktemp("engines")
-    return {"ddp": _train(tmp, "ddp"),
+    return {"ddp": reference,
             "zero0": _train(tmp, "zero0", "dist.zero_stage=0", launcher="deepspeed.sh"),
             "zero2": _train(tmp, "zero2", "dist.engine=deepspeed", "dist.zero_stage=2")}
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -14,6 +15,8 @@ from dist_robust.data import load_dataset
 from dist_robust.evaluate import evaluate
 from dist_robust.methods import build_method
 from dist_robust.models import build_model
+
+pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
 
 
 def _model():
@@ -70,20 +73,17 @@ def test_parameters_identical_on_both_ranks_after_a_ddp_step(tmp_path):
     assert out["same"]
 
 
-def test_torchrun_train_then_eval_on_one_and_two_ranks(tmp_path, tiny):
-    """The CLI end to end under torchrun: 2 ranks train, results.json has the exact n; evaluating
-    the same checkpoint on 1 rank and on 2 ranks gives identical counts."""
+def test_torchrun_train_then_eval_on_one_and_two_ranks(reference, tmp_path):
+    """The CLI end to end under torchrun (the shared reference run: 2 ranks train, results.json has the
+    exact n); evaluating the same checkpoint on 1 rank and on 2 ranks gives identical counts."""
     run = ["-m", "dist_robust"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    args = ["train", "configs/quickstart.yaml", *tiny, f"run.out_dir={tmp_path}", "run.name=t"]
-    r = subprocess.run(torchrun + run + args, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "t" / "results.json").read_text())
+    res = json.loads((reference / "results.json").read_text())
     assert res["n"] == 101 and res["world_size"] == 2
     assert set(res) >= {"dataset", "split", "n", "world_size", "clean", "attacks", "checkpoint", "config"}
     assert set(res["attacks"]["pgd-3"]) >= {"correct", "acc", "eps", "norm", "steps"}
-    assert (tmp_path / "t" / "config.yaml").is_file() and (tmp_path / "t" / "log.jsonl").is_file()
-    ev = ["eval", "--checkpoint", str(tmp_path / "t"), "--dataset", "digits", "--limit", "101",
+    assert (reference / "config.yaml").is_file() and (reference / "log.jsonl").is_file()
+    ev = ["eval", "--checkpoint", str(reference), "--dataset", "digits", "--limit", "101",
           "--attacks", "clean,pgd-3", "--batch-size", "16"]
     one = subprocess.run([sys.executable] + run + ev + ["--out", str(tmp_path / "one.json")],
                          capture_output=True, text=True, timeout=300)

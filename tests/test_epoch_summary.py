@@ -1,6 +1,7 @@
 """Every metric a method returns is summed over ranks and logged per image (engine/train.py)."""
 import json
 
+import pytest
 import torch
 
 from conftest import run_ranks
@@ -20,6 +21,7 @@ def _summary_worker(rank, world, out):
             json.dump(summary, f)
 
 
+@pytest.mark.multiproc
 def test_a_methods_own_metrics_are_summed_over_ranks_and_divided_by_the_images(tmp_path):
     run_ranks(_summary_worker, 2, str(tmp_path / "summary.json"))
     summary = json.loads((tmp_path / "summary.json").read_text())

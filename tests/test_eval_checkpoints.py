@@ -135,6 +135,7 @@ def _train_worker(rank, world, out_dir):
     torch.save(seen, os.path.join(out_dir, f"evaluated{rank}.pt"))
 
 
+@pytest.mark.multiproc
 def test_every_rank_evaluates_the_exported_model_itself(tmp_path):
     """Each rank's BN statistics differ after its last step: results.json must be the evaluation of
     model.json (rank 0's), on every rank's shard."""

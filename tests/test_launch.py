@@ -16,6 +16,8 @@ import pytest
 
 from conftest import TINY
 
+pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SBATCH = ROOT / "launch" / "slurm.sbatch"

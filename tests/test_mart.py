@@ -75,6 +75,7 @@ def _grad_worker(rank, world, out_dir):
         torch.save({k: p.grad for k, p in model.named_parameters()}, f"{out_dir}/grads.pt")
 
 
+@pytest.mark.multiproc
 def test_mart_gradient_on_two_ranks_equals_one_rank_at_the_same_global_batch(tmp_path, monkeypatch):
     run_ranks(_grad_worker, 2, str(tmp_path))
     two = torch.load(tmp_path / "grads.pt")

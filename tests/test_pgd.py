@@ -6,7 +6,7 @@ import torch
 import torchattacks
 from torch import nn
 
-from dist_robust.attacks import attack_mode, pgd
+from dist_robust.attacks import pgd
 from dist_robust.attacks.fused import eager_step
 from dist_robust.data import load_dataset
 from dist_robust.evaluate import evaluate

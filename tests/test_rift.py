@@ -117,6 +117,7 @@ def _mrc_worker(rank, world, case, out_dir):
         json.dump(table, f)
 
 
+@pytest.mark.multiproc
 def test_mrc_two_ranks_equal_one_rank(tmp_path):
     model = _model()
     x_adv, y = _adv_set(model)

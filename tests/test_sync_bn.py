@@ -61,6 +61,7 @@ def _sync_worker(rank, world, rows, steps, out_dir):
 
 @pytest.mark.parametrize("rows", [((0, 6), (6, 12)), ((0, 9), (9, 12)), ((0, 12), (12, 12))],
                          ids=["even", "uneven", "rank1-empty"])
+@pytest.mark.multiproc
 def test_two_rank_sync_bn_equals_one_process_bn_on_the_whole_batch(tmp_path, rows):
     run_ranks(_sync_worker, 2, rows, 2, str(tmp_path))  # two steps: running stats compound
     assert sorted(os.listdir(tmp_path)) == ["ok0", "ok1"]

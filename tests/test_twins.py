@@ -135,6 +135,7 @@ def _twins_ddp_worker(rank, world, method, out_dir, source):
     open(os.path.join(out_dir, f"ok{rank}"), "w").close()
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("method", ["twins_at", "twins_trades"])
 def test_twins_on_two_ranks_stays_in_lockstep(tmp_path, method):
     source = _source_checkpoint(tmp_path / "source")
