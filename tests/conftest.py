@@ -78,6 +78,25 @@ def run_ranks(fn, world, *args):
             os.unlink(init_file)
 
 
+def _cases_entry(rank, world, fn, cases, out_dir):
+    for case, args in cases.items():
+        try:
+            fn(rank, world, *args)
+            outcome = "ok"
+        except Exception as e:  # recorded, so that the other cases still run and each test fails alone
+            outcome = f"rank {rank}: {type(e).__name__}: {e}"
+        with open(os.path.join(out_dir, f"{case}.rank{rank}"), "w") as f:
+            f.write(outcome)
+
+
+def run_cases(fn, world, cases: dict, out_dir) -> dict:
+    """fn(rank, world, *args) for every case of ``cases`` (id -> args), all in one group of ``world``
+    processes (their start-up is paid once, not per case); returns id -> the list of the ranks'
+    outcomes, "ok" or the error, for the parametrized tests to assert case by case."""
+    run_ranks(_cases_entry, world, fn, cases, str(out_dir))
+    return {case: [open(os.path.join(out_dir, f"{case}.rank{r}")).read() for r in range(world)] for case in cases}
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

@@ -1,12 +1,11 @@
 """Synchronised BN on real 2-process gloo groups equals single-process BN on the concatenated batch."""
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from conftest import run_ranks
+from conftest import run_cases
 from dist_robust.models.sync_bn import SyncBatchNorm2d, convert_sync_bn, revert_sync_bn
 
 C = 5
@@ -35,7 +34,7 @@ def _reference(steps):
     return out.detach(), xr.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
 
 
-def _sync_worker(rank, world, rows, steps, out_dir):
+def _sync_worker(rank, world, rows, steps):
     x, w = _batch()
     lo, hi = rows[rank]
     torch.manual_seed(3)
@@ -56,15 +55,22 @@ def _sync_worker(rank, world, rows, steps, out_dir):
     torch.testing.assert_close(grads, torch.cat([ref_wgrad, ref_bgrad]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bn.running_mean, ref_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bn.running_var, ref_var, atol=1e-5, rtol=1e-5)
-    open(os.path.join(out_dir, f"ok{rank}"), "w").close()
 
 
-@pytest.mark.parametrize("rows", [((0, 6), (6, 12)), ((0, 9), (9, 12)), ((0, 12), (12, 12))],
-                         ids=["even", "uneven", "rank1-empty"])
+LAYOUTS = {"even": ((0, 6), (6, 12)), "uneven": ((0, 9), (9, 12)), "rank1-empty": ((0, 12), (12, 12))}
+
+
+@pytest.fixture(scope="module")
+def sync_outcomes(tmp_path_factory):
+    """Every layout in one 2-rank group, two steps each (running statistics compound)."""
+    return run_cases(_sync_worker, 2, {name: (rows, 2) for name, rows in LAYOUTS.items()},
+                     tmp_path_factory.mktemp("sync_bn"))
+
+
 @pytest.mark.multiproc
-def test_two_rank_sync_bn_equals_one_process_bn_on_the_whole_batch(tmp_path, rows):
-    run_ranks(_sync_worker, 2, rows, 2, str(tmp_path))  # two steps: running stats compound
-    assert sorted(os.listdir(tmp_path)) == ["ok0", "ok1"]
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_rank_sync_bn_equals_one_process_bn_on_the_whole_batch(sync_outcomes, layout):
+    assert sync_outcomes[layout] == ["ok", "ok"]
 
 
 def test_without_a_group_or_in_eval_it_is_plain_batchnorm():

@@ -1,13 +1,12 @@
 """TWINS: the frozen wing never moves, the adaptive wing does, the export is the adaptive model, and
 2 ranks (DDP + synchronised adaptive wing) train in lockstep."""
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import run_ranks
+from conftest import run_cases
 from dist_robust import config
 from dist_robust.preflight import preflight
 from dist_robust.data import load_dataset
@@ -109,7 +108,7 @@ def test_odd_per_rank_batch_is_a_config_error():
         config.load_config(None, RECIPE + ["method.name=twins_at", "model.tuned_bn=train"])
 
 
-def _twins_ddp_worker(rank, world, method, out_dir, source):
+def _twins_ddp_worker(rank, world, method, source):
     overrides = [f"method.name={method}", "model.sync_bn=true", f"model.init_from={source}"]
     cfg = config.load_config(None, RECIPE + overrides)
     model = configure_finetuning(convert_sync_bn(_source()), tuned_bn="dual")
@@ -132,12 +131,17 @@ def _twins_ddp_worker(rank, world, method, out_dir, source):
     dist.all_gather(gathered, state)
     assert torch.equal(gathered[0], gathered[1]), "parameters or BN statistics differ across ranks"
     assert all(torch.equal(v, frozen0[n]) for n, v in _wing_stats(model, "frozen").items())
-    open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+
+
+@pytest.fixture(scope="module")
+def lockstep_outcomes(tmp_path_factory):
+    """Both TWINS methods in one 2-rank group."""
+    out = tmp_path_factory.mktemp("twins_ddp")
+    source = _source_checkpoint(out / "source")
+    return run_cases(_twins_ddp_worker, 2, {m: (m, source) for m in ("twins_at", "twins_trades")}, out)
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("method", ["twins_at", "twins_trades"])
-def test_twins_on_two_ranks_stays_in_lockstep(tmp_path, method):
-    source = _source_checkpoint(tmp_path / "source")
-    run_ranks(_twins_ddp_worker, 2, method, str(tmp_path), source)
-    assert sorted(os.listdir(tmp_path)) == ["ok0", "ok1", "source"]
+def test_twins_on_two_ranks_stays_in_lockstep(lockstep_outcomes, method):
+    assert lockstep_outcomes[method] == ["ok", "ok"]
