@@ -9,7 +9,9 @@ to APGD-CE but about a quarter survive, so every later attack attacks real point
 """
 import json
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ from dist_robust.evaluate import evaluate
 from dist_robust.data import load_dataset
 from dist_robust.models import build_model
 
-N, EPS, BLOCK = 120, 0.015, 40  # 3 blocks: split 2 + 1 over 2 ranks
+N, EPS, BLOCK = 120, 0.015, 60  # 2 blocks, one per rank (the uneven splits are tested with cheap noise)
 AA_STANDARD = attacks_of("standard")
 L2_EPS = 0.15  # PGD-20 leaves ~9 of the 15 clean-correct L2 points (at 0.5 APGD-CE took all on one machine)
 COUNTS = ("attacked", "robust", "rejected")
@@ -66,24 +68,26 @@ def _one_thread(fn):
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def stopped_and_resumed(trained, tmp_path_factory):
-    """The single-process run in blocks of BLOCK, stopped after APGD-CE (as if killed there) and run
-    again from its saved state: (the stopped run's result, the resumed one's, the log of the resume)."""
-    model, test, _ = trained
-    kw = dict(limit=N, block_size=BLOCK, batch_size=BLOCK, state_dir=tmp_path_factory.mktemp("aa_state"),
-              fingerprint="sha-of-model")
-    first = _one_thread(lambda: autoattack(model, test, EPS, stop_after="apgd-ce", **kw))
-    handler, logger = _Records(), logging.getLogger("dist_robust")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
-        resumed = _one_thread(lambda: autoattack(model, test, EPS, **kw))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    return first, resumed, kw, handler.text
+def _load(weights):
+    model = _fresh_model()
+    model.load_state_dict(load_file(weights))
+    return model.eval(), load_dataset("digits", "test")
+
+
+def _job_reference(weights):
+    """fra31's AutoAttack, as RobustBench runs it, on the first N points: its robust flags per point."""
+    model, test = _load(weights)
+    x, y = test.images[:N].float() / 255, test.labels[:N]
+    adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
+    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=N)
+    return y_adv == y  # the label it ends on: the clean one for a robust point, a wrong one otherwise
+
+
+def _job_one_block(weights, state_dir):
+    """Ours with one block of all N points and the reference's batch size: (result, per-point flags)."""
+    model, test = _load(weights)
+    res = autoattack(model, test, EPS, limit=N, block_size=N, batch_size=N, state_dir=state_dir)
+    return res, load_file(os.path.join(state_dir, "rank0.safetensors"))["after.square"].bool()
 
 
 class _Records(logging.Handler):
@@ -95,22 +99,50 @@ class _Records(logging.Handler):
         self.text += record.getMessage() + "\n"
 
 
+def _job_stopped_and_resumed(weights, kw):
+    """Ours in blocks of BLOCK, stopped after APGD-CE (as if killed there), then run again from its
+    saved state: (the stopped run's result, the resumed one's, what the resume logged)."""
+    model, test = _load(weights)
+    first = autoattack(model, test, EPS, stop_after="apgd-ce", **kw)
+    handler, logger = _Records(), logging.getLogger("dist_robust")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    resumed = autoattack(model, test, EPS, **kw)
+    return first, resumed, handler.text
+
+
+def _one_thread_job(job, *args):
+    torch.set_num_threads(1)  # as the rank workers run: the same arithmetic, bit for bit
+    return job(*args)
+
+
 @pytest.fixture(scope="module")
-def ours(stopped_and_resumed):
+def cascades(trained, tmp_path_factory):
+    """The three single-process full cascades the tests compare, each on one thread, two at a time in
+    two processes (the machine's two cores): fra31's reference, ours in one block, ours in blocks of
+    BLOCK stopped and resumed."""
+    weights = trained[2]
+    tmp = tmp_path_factory.mktemp("aa_cascades")
+    kw = dict(limit=N, block_size=BLOCK, batch_size=BLOCK, state_dir=tmp / "resumed", fingerprint="sha-of-model")
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {"resumed": pool.submit(_one_thread_job, _job_stopped_and_resumed, weights, kw),
+                "reference": pool.submit(_one_thread_job, _job_reference, weights),
+                "one_block": pool.submit(_one_thread_job, _job_one_block, weights, str(tmp / "one_block"))}
+        out = {name: job.result() for name, job in jobs.items()}
+    return {**out, "kw": kw}
+
+
+@pytest.fixture(scope="module")
+def reference_flags(cascades):
+    return cascades["reference"]
+
+
+@pytest.fixture(scope="module")
+def ours(cascades):
     """The single-process result in blocks of BLOCK that the other tests compare with. It is the resumed
     run (one full cascade fewer for the suite): the two-rank test checks it against 2 uninterrupted
     ranks, so a resume that changed any count fails there as well as in the resume test."""
-    return stopped_and_resumed[1]
-
-
-@pytest.fixture(scope="module")
-def reference_flags(trained):
-    """fra31's AutoAttack, as RobustBench runs it, on the same N points: its robust flags per point."""
-    model, test, _ = trained
-    x, y = test.images[:N].float() / 255, test.labels[:N]
-    adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
-    _, y_adv = _one_thread(lambda: adversary.run_standard_evaluation(x, y, batch_size=N))
-    return y_adv == y  # the label it ends on: the clean one for a robust point, a wrong one otherwise
+    return cascades["resumed"][1]
 
 
 def _counts(res):
@@ -118,19 +150,18 @@ def _counts(res):
             {a: tuple(r[k] for k in COUNTS) for a, r in res["per_attack"].items()})
 
 
-def test_one_block_gives_the_reference_flags_point_by_point(trained, reference_flags, tmp_path):
+@pytest.mark.multiproc  # its cascades run in two processes
+def test_one_block_gives_the_reference_flags_point_by_point(cascades, reference_flags):
     """One block of all N points on one rank, the same seed and batch size (all N in one batch: each
     attack's cost is mostly per iteration, not per point): our chunk is the reference's batch and every
     attack call gets the reference's seed, so the flags must be equal."""
-    model, test, _ = trained
-    res = _one_thread(lambda: autoattack(model, test, EPS, limit=N, block_size=N, batch_size=N,
-                                         state_dir=tmp_path))
-    flags = load_file(str(tmp_path / "rank0.safetensors"))["after.square"].bool()
+    res, flags = cascades["one_block"]
     assert 0 < int(reference_flags.sum()) < res["clean"]["correct"]  # the attacks decide something
     assert torch.equal(flags, reference_flags), (flags != reference_flags).nonzero().flatten().tolist()
     assert res["correct"] == int(reference_flags.sum())
 
 
+@pytest.mark.multiproc  # its cascades run in two processes
 def test_cascade_runs_every_attack_beats_pgd_and_is_within_a_point_of_the_reference(trained, ours,
                                                                                     reference_flags):
     model, test, _ = trained
@@ -147,7 +178,7 @@ def test_cascade_runs_every_attack_beats_pgd_and_is_within_a_point_of_the_refere
     with torch.no_grad():  # PGD-20 with the per-sample worst case over clean and attacked
         pgd_robust = int(((model(x).argmax(1) == y) & (model(x_pgd).argmax(1) == y)).sum())
     assert ours["correct"] <= pgd_robust
-    # 3 blocks instead of 1: the chunks hold other points, so APGD's and Square's random draws land on
+    # 2 blocks instead of 1: the chunks hold other points, so APGD's and Square's random draws land on
     # other points and a point near the boundary may fall either way; at most one point either side
     assert abs(ours["correct"] - int(reference_flags.sum())) <= 1, (ours["correct"], int(reference_flags.sum()))
 
@@ -275,7 +306,7 @@ def test_two_ranks_count_exactly_what_one_process_counts(trained, ours, two_rank
     res, out = two_ranks
     assert res[0]["full"]["world_size"] == 2 and res[0]["full"]["n"] == N
     assert _counts(res[0]["full"]) == _counts(res[1]["full"]) == _counts(ours)
-    # the same random draws for the same points: point by point, 5 blocks split 3 + 2 over the ranks
+    # the same random draws for the same points: point by point, 15 blocks of 8 split 8 + 7 over the ranks
     _one_thread(lambda: _noisy(model, test, tmp_path / "noisy1"))
     one = load_file(str(tmp_path / "noisy1" / "rank0.safetensors"))["after.square"]
     two = [load_file(str(out / "noisy2" / f"rank{r}.safetensors"))["after.square"] for r in (0, 1)]
@@ -289,9 +320,9 @@ def test_two_ranks_count_exactly_what_one_process_counts(trained, ours, two_rank
 
 
 @pytest.mark.multiproc
-def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, stopped_and_resumed, two_ranks, caplog):
+def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, cascades, two_ranks, caplog):
     model, test, _ = trained
-    first, resumed, kw, log_text = stopped_and_resumed
+    (first, resumed, log_text), kw = cascades["resumed"], cascades["kw"]
     assert list(first["per_attack"]) == ["apgd-ce"] and first["stopped_after"] == "apgd-ce"
     assert (kw["state_dir"] / "rank0.safetensors").exists()
     assert "resuming after apgd-ce" in log_text
@@ -357,6 +388,7 @@ def test_outputs_outside_the_ball_count_as_failed_attacks(trained, monkeypatch, 
     assert "outside the eps ball" in caplog.text
 
 
+@pytest.mark.slow
 def test_l2_cascade_in_bounds_and_model_state_restored(trained):
     model, test, _ = trained
     model.train()  # attack_mode must put BN in eval mode and give the model back as it was

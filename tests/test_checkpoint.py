@@ -73,6 +73,7 @@ def _train(tmp_path, tiny, name, epochs, extra=()):
     assert main(args) == 0
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_step_and_lr_and_matches_an_unbroken_run(tmp_path, tiny, capsys):
     _train(tmp_path, tiny, "full", 3)
     # A run stopped after epoch 2: the same folder without the third epoch's files.

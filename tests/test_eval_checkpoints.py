@@ -56,6 +56,7 @@ def _eval(sidecar, capsys):
     return rc, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_checkpoint_evaluates_or_is_refused_in_one_line_naming_the_model_to_use(pipeline, capsys):
     sidecars = sorted([*pipeline.glob("*/model.json"), *pipeline.glob("*/checkpoints/epoch_*.json"),
                        *pipeline.glob("*/checkpoints/step_*.json")])
@@ -77,6 +78,7 @@ def test_every_checkpoint_evaluates_or_is_refused_in_one_line_naming_the_model_t
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["twins", "cartl_ft"])
 def test_last_epoch_checkpoint_evaluates_exactly_as_the_exported_model(pipeline, stage, capsys):
     """TWINS through its adaptive wing, CARTL with its spectral norm baked in: as the run's export."""
@@ -94,6 +96,7 @@ def test_last_epoch_checkpoint_evaluates_exactly_as_the_exported_model(pipeline,
     assert results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_twins_checkpoint_holds_two_different_wings_and_a_plain_model_refuses_it_in_one_line(pipeline):
     """What makes the test above mean something: the epoch checkpoint is not a plain model's state, and
     its wings differ (an export of the frozen wing would not match)."""

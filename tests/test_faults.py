@@ -48,6 +48,7 @@ def _die_at_step(monkeypatch, n: int) -> None:
     monkeypatch.setattr(PGDAT, "loss", dying)
 
 
+@pytest.mark.slow
 def test_a_run_stopped_inside_an_epoch_resumes_there_bitwise(tmp_path, monkeypatch, capsys):
     every = ["train.checkpoint_every=4"]
     assert main(_args(tmp_path, "unbroken", *every)) == 0

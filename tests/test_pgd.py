@@ -160,6 +160,7 @@ def test_bn_branch_is_selected_and_restored():
 
 @pytest.mark.parametrize("norm,eps,alpha,cls", [("Linf", 0.1, 0.025, torchattacks.PGD),
                                                 ("L2", 1.5, 0.3, torchattacks.PGDL2)])
+@pytest.mark.slow
 def test_robust_accuracy_agrees_with_torchattacks(trained, norm, eps, alpha, cls):
     """Same model, points, eps, step and steps: deterministic (no random start) runs agree to the
     point; random-start runs within 1 point on 500 points."""
@@ -175,18 +176,20 @@ def test_robust_accuracy_agrees_with_torchattacks(trained, norm, eps, alpha, cls
         assert abs(acc_ours - acc_ref) <= tolerance, (norm, random_init, acc_ours, acc_ref)
 
 
+@pytest.mark.slow
 def test_attack_lowers_accuracy_and_robust_at_most_clean(trained):
     model, test = trained
-    res = evaluate(model, test, ["clean", "pgd-10", "cw-10"], eps=0.3, batch_size=250, device="cpu", limit=500)
+    res = evaluate(model, test, ["clean", "pgd-10", "cw-10"], eps=0.3, batch_size=250, device="cpu", limit=250)
     clean, robust = res["clean"]["acc"], res["attacks"]["pgd-10"]["acc"]
-    assert res["n"] == 500 and res["attacks"]["cw-10"]["loss"] == "cw"
+    assert res["n"] == 250 and res["attacks"]["cw-10"]["loss"] == "cw"
     assert clean > 0.7           # the model learned something
     assert robust <= clean and res["attacks"]["cw-10"]["acc"] <= clean
     assert robust < clean - 0.3  # a non-robust model falls to a real attack at eps 0.3
-    two = evaluate(model, test, ["pgd-10"], eps=0.3, batch_size=250, device="cpu", limit=500, restarts=2)
+    two = evaluate(model, test, ["pgd-10"], eps=0.3, batch_size=250, device="cpu", limit=250, restarts=2)
     assert two["attacks"]["pgd-10"]["correct"] <= res["attacks"]["pgd-10"]["correct"]  # restart 0 is shared
 
 
+@pytest.mark.slow
 def test_fused_step_equals_eager():
     """The compiled step against the eager one on random inputs (a small model keeps the one-off
     compilation short). L2 steps are continuous and must agree to fp32 tolerance; L-inf steps take

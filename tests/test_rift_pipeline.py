@@ -2,6 +2,7 @@
 lowest-MRC module on clean data -> interpolate and pick alpha on held-out training images."""
 import json
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -22,6 +23,7 @@ STAGES = [
 ]
 
 
+@pytest.mark.slow
 def test_rift_pipeline_tunes_one_module_and_picks_alpha_on_held_out_images(tmp_path, tiny):
     recipe = tmp_path / "rift.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -51,6 +51,7 @@ def test_bad_stage_lists_are_one_line_errors_before_anything_runs(tmp_path, tiny
         load_config(_recipe(tmp_path, STAGES))
 
 
+@pytest.mark.slow
 def test_pipeline_killed_between_stages_resumes_with_the_next_stage(tmp_path, tiny, capsys):
     recipe = _recipe(tmp_path, STAGES)
     assert main(["train", recipe, *_overrides(tmp_path, tiny)]) == 0
