@@ -97,6 +97,18 @@ def run_cases(fn, world, cases: dict, out_dir) -> dict:
     return {case: [open(os.path.join(out_dir, f"{case}.rank{r}")).read() for r in range(world)] for case in cases}
 
 
+def save_shard_gradients(model, x, y, method, rank, world, out_dir):
+    """DDP backward of ``method.loss`` on this rank's contiguous shard of (x, y); rank 0 saves the
+    averaged gradients to out_dir/grads.pt, for a test to compare with one rank on the whole batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    n = len(x) // world
+    ddp = DDP(model)  # kept referenced until backward: its reducer averages the ranks' gradients
+    loss, _ = method.loss(ddp, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+    loss.backward()
+    if rank == 0:
+        torch.save({k: p.grad for k, p in model.named_parameters()}, f"{out_dir}/grads.pt")
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

@@ -19,7 +19,7 @@ from dist_robust.methods.cartl import (CARTLFeatureDistance, CARTLFineTune, CutF
 from dist_robust.models import build_model
 from dist_robust.models.partial import configure_finetuning
 
-from conftest import run_ranks
+from conftest import run_ranks, save_shard_gradients
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,13 +149,7 @@ def _fdm_setup():
 
 
 def _fdm_grad_worker(rank, world, out_dir):
-    model, x, y, method = _fdm_setup()
-    n = len(x) // world
-    ddp = DDP(model)  # kept referenced until backward: its reducer averages the ranks' gradients
-    loss, _ = method.loss(ddp, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
-    loss.backward()
-    if rank == 0:
-        torch.save({k: p.grad for k, p in model.named_parameters()}, f"{out_dir}/grads.pt")
+    save_shard_gradients(*_fdm_setup(), rank, world, out_dir)
 
 
 @pytest.mark.multiproc

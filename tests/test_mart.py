@@ -3,9 +3,8 @@ import math
 
 import pytest
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import run_ranks
+from conftest import run_ranks, save_shard_gradients
 from dist_robust import config
 from dist_robust.methods import build_method, mart
 from dist_robust.models import build_model
@@ -66,13 +65,7 @@ def _fixed_pgd(model, x, y, eps, steps, **kw):
 
 def _grad_worker(rank, world, out_dir):
     mart.pgd = _fixed_pgd
-    model, x, y, method = _setup()
-    n = len(x) // world
-    ddp = DDP(model)  # kept referenced until backward: its reducer averages the ranks' gradients
-    loss, _ = method.loss(ddp, x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
-    loss.backward()
-    if rank == 0:
-        torch.save({k: p.grad for k, p in model.named_parameters()}, f"{out_dir}/grads.pt")
+    save_shard_gradients(*_setup(), rank, world, out_dir)
 
 
 @pytest.mark.multiproc
