@@ -95,7 +95,7 @@ def _workers(parent: int) -> list[int]:
 @pytest.mark.multiproc
 def test_a_rank_killed_mid_epoch_is_restarted_and_ends_bitwise_as_the_unbroken_reference(reference, tmp_path):
     # The reference's recipe again, under torchrun with one restart; SIGKILL one worker once the step-27
-    # checkpoint exists (22 steps per epoch: inside epoch 2, after the LR drop at step 33 is scheduled).
+    # checkpoint exists (22 steps per epoch: inside epoch 2, before its LR drop at step 33).
     cmd = torchrun_cmd("train", QUICKSTART, *REFERENCE, f"run.out_dir={tmp_path}", "run.name=killed",
                        "dist.timeout_s=120")
     cmd.insert(cmd.index("--standalone"), "--max-restarts=1")

@@ -65,10 +65,11 @@ def test_prepare_is_idempotent_and_rebuilds_a_stale_file(betons, tmp_path):
     assert json.loads(manifest_file.read_text())["content_sha256"] != "0" * 64
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_training_batches_are_the_memory_loaders_rank_by_rank(betons, rank):
-    """Same subset, holdout, order and crop + flip, bitwise (raw), for two epochs and a mid-epoch start."""
-    data = _data(betons, holdout=97, subset=800, crop_padding=2, flip=True)
+@pytest.mark.parametrize("rank,fmt", [(0, "raw"), (1, "raw"), (0, "jpeg")])
+def test_training_batches_are_the_memory_loaders_rank_by_rank(betons, rank, fmt):
+    """Same subset, holdout, order and crop + flip, for two epochs and a mid-epoch start: bitwise from raw
+    files; from JPEG (quality 100) the same images and labels, each pixel within the round trip's error."""
+    data = _data(betons, fmt, holdout=97, subset=800, crop_padding=2, flip=True)
     memory = TrainLoader(load_split(data, "train"), 32, rank, 2, seed=5, crop_padding=2, flip=True, subset=800)
     ffcv = FFCVTrainLoader(data, 32, rank, 2, seed=5)
     assert len(ffcv) == len(memory) == 800 // 64
@@ -76,10 +77,16 @@ def test_training_batches_are_the_memory_loaders_rank_by_rank(betons, rank):
         pairs = list(zip(memory.iter_from(epoch, start), ffcv.iter_from(epoch, start), strict=True))
         assert len(pairs) == len(memory) - start
         for (xm, ym), (xf, yf) in pairs:
-            assert torch.equal(xm, xf) and torch.equal(ym, yf)
+            assert torch.equal(ym, yf)
+            if fmt == "raw":
+                assert torch.equal(xm, xf)
+            else:  # the error of test_raw_round_trip..., so a wrong crop, flip or image would show
+                err = (xm - xf).abs()
+                assert err.mean() < 0.01 and err.max() <= 20 / 255, (err.mean(), err.max())
     kept = list(ffcv.iter_from(0))  # FFCV reuses its buffers: what a method keeps must not change
     assert not any(torch.equal(kept[0][0], x) for x, _ in kept[1:])
-    assert torch.equal(kept[0][0], next(iter(memory.iter_from(0)))[0])
+    first = next(iter(memory.iter_from(0)))[0]
+    assert torch.equal(kept[0][0], first) if fmt == "raw" else (kept[0][0] - first).abs().max() <= 20 / 255
 
 
 def test_the_epoch_order_splits_disjointly_covers_and_reshuffles():
@@ -134,7 +141,7 @@ def _weights(run) -> dict:
 @pytest.mark.multiproc
 def test_two_rank_training_with_ffcv_gives_the_memory_loaders_result(reference, tmp_path):
     """The shared reference run (memory loader) again with FFCV: raw pixels give the same model, bit for
-    bit, and the same counts; JPEG at quality 100 gives other pixels and lands in the same band."""
+    bit, and the same counts (JPEG's training batches are compared with the memory loader's above)."""
     memory = json.loads((reference / "results.json").read_text())
     raw = train_reference(tmp_path, "ffcv_raw", "data.loader=ffcv", f"data.ffcv_dir={tmp_path}/ffcv")
     assert "ffcv loader" in (tmp_path / "ffcv_raw.out").read_text()
@@ -144,10 +151,6 @@ def test_two_rank_training_with_ffcv_gives_the_memory_loaders_result(reference, 
     res = json.loads((raw / "results.json").read_text())
     assert (res["clean"]["correct"], res["attacks"]["pgd-3"]["correct"]) == (
         memory["clean"]["correct"], memory["attacks"]["pgd-3"]["correct"])
-    jpeg = train_reference(tmp_path, "ffcv_jpeg", "data.loader=ffcv", "data.ffcv_format=jpeg",
-                           f"data.ffcv_dir={tmp_path}/ffcv", "train.checkpoint_every=0")
-    assert memory["clean"]["acc"] > 0.5
-    assert abs(json.loads((jpeg / "results.json").read_text())["clean"]["acc"] - memory["clean"]["acc"]) < 0.05
 
 
 def test_auto_reads_ffcv_for_large_images_or_large_data_only(tmp_path):
