@@ -1,4 +1,5 @@
-"""Adversarial attacks: the PGD family (pgd.py), its fused step (fused.py) and AutoAttack (autoattack.py)."""
+"""Adversarial attacks: the PGD family (pgd.py), the pieces of its step (steps.py), its fused step
+(fused.py) and AutoAttack (autoattack.py)."""
 from .pgd import LOSSES, NORMS, attack_loss, attack_mode, cw_margin, pgd, random_start
 
 __all__ = ["LOSSES", "NORMS", "attack_loss", "attack_mode", "attack_kwargs", "cw_margin", "pgd", "random_start"]

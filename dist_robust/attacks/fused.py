@@ -17,6 +17,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from .steps import ascend, attack_loss
+
 # compile=auto: measured by bench/attacks.py (see the README). On the 2-core CPU here the fused step ran
 # at 0.71-0.87x the eager time (cnn3, widths 32/64, batches 64/256), but its first compilation costs
 # 20-25 s per process, repaid after ~200 (large model and batch) to ~3,500 (the demo's) steps; auto
@@ -33,8 +35,6 @@ def _autocast(precision: str, device_type: str):
 
 
 def _raw_step(net, loss, norm, targeted, kappa, precision):
-    from .pgd import ascend, attack_loss
-
     def step(x, delta, y, clean_lp, eps: float, alpha: float):
         def total(d):
             with _autocast(precision, x.device.type):
@@ -46,8 +46,6 @@ def _raw_step(net, loss, norm, targeted, kappa, precision):
 
 
 def eager_step(net, loss, norm, targeted, kappa, precision):
-    from .pgd import ascend, attack_loss
-
     def step(x, delta, y, clean_lp, eps: float, alpha: float):
         delta = delta.detach().requires_grad_(True)
         with _autocast(precision, x.device.type):
