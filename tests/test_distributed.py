@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import run_ranks
+from conftest import run_ranks, torchrun_cmd
 from dist_robust import config
 from dist_robust.data import load_dataset
 from dist_robust.evaluate import evaluate
@@ -76,8 +76,6 @@ def test_parameters_identical_on_both_ranks_after_a_ddp_step(tmp_path):
 def test_torchrun_train_then_eval_on_one_and_two_ranks(reference, tmp_path):
     """The CLI end to end under torchrun (the shared reference run: 2 ranks train, results.json has the
     exact n); evaluating the same checkpoint on 1 rank and on 2 ranks gives identical counts."""
-    run = ["-m", "dist_robust"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     res = json.loads((reference / "results.json").read_text())
     assert res["n"] == 101 and res["world_size"] == 2
     assert set(res) >= {"dataset", "split", "n", "world_size", "clean", "attacks", "checkpoint", "config"}
@@ -85,9 +83,9 @@ def test_torchrun_train_then_eval_on_one_and_two_ranks(reference, tmp_path):
     assert (reference / "config.yaml").is_file() and (reference / "log.jsonl").is_file()
     ev = ["eval", "--checkpoint", str(reference), "--dataset", "digits", "--limit", "101",
           "--attacks", "clean,pgd-3", "--batch-size", "16"]
-    one = subprocess.run([sys.executable] + run + ev + ["--out", str(tmp_path / "one.json")],
+    one = subprocess.run([sys.executable, "-m", "dist_robust", *ev, "--out", str(tmp_path / "one.json")],
                          capture_output=True, text=True, timeout=300)
-    two = subprocess.run(torchrun + run + ev + ["--out", str(tmp_path / "two.json")],
+    two = subprocess.run(torchrun_cmd(*ev, "--out", str(tmp_path / "two.json")),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))

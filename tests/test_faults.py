@@ -17,11 +17,10 @@ from conftest import ENV, QUICKSTART, REFERENCE, ROOT, TINY, run_ranks, torchrun
 from dist_robust.cli import main
 from dist_robust.checkpoint import last_good, load_checkpoint
 
-RECIPE = "configs/quickstart.yaml"
 
 
 def _args(tmp_path, name, *extra):
-    return ["train", RECIPE, *TINY, f"run.out_dir={tmp_path}", f"run.name={name}", "eval.at_end=false",
+    return ["train", QUICKSTART, *TINY, f"run.out_dir={tmp_path}", f"run.name={name}", "eval.at_end=false",
             "train.epochs=2", "optim.milestones=[1.5]", *extra]
 
 
@@ -133,7 +132,7 @@ def _nan_on_rank_1(rank, world, tmp_path):
 
     PGDAT.loss = loss
     dist.setup_logging(rank == 0)
-    cfg = load_config(RECIPE, _args(tmp_path, "nan")[2:])
+    cfg = load_config(QUICKSTART, _args(tmp_path, "nan")[2:])
     with pytest.raises(FloatingPointError) as err:
         engine.train(cfg, torch.device("cpu"))
     message = str(err.value)
