@@ -5,7 +5,10 @@ reference with several blocks, resumes after a kill, ignores stale state, never 
 outside the eps ball or the [0, 1] box, and runs the reference's plus and rand versions.
 
 A tiny cnn3 (width 4) trained for about a second on digits: at eps 0.015 most of its test points fall
-to APGD-CE but about a quarter survive, so every later attack attacks real points.
+to APGD-CE but about a quarter survive, so every later attack attacks real points. The cascades run
+with the reference's budgets cut alike on both sides (BUDGETS: 25 iterations, 500 Square queries; on
+one machine APGD-CE, APGD-T and FAB-T each decide points): the wiring, seeds and batches are under
+test, the full budgets are checked as settings, and bench/autoattack.py compares full cascades.
 """
 import json
 import logging
@@ -28,6 +31,7 @@ from dist_robust.data import load_dataset
 from dist_robust.models import build_model
 
 N, EPS, BLOCK = 120, 0.015, 60  # 2 blocks, one per rank (the uneven splits are tested with cheap noise)
+BUDGETS = dict(n_iter=25, n_queries=500)  # a full cascade here: about 5 s on one thread, not 19
 AA_STANDARD = attacks_of("standard")
 L2_EPS = 0.15  # PGD-20 leaves ~9 of the 15 clean-correct L2 points (at 0.5 APGD-CE took all on one machine)
 COUNTS = ("attacked", "robust", "rejected")
@@ -74,20 +78,43 @@ def _load(weights):
     return model.eval(), load_dataset("digits", "test")
 
 
+def _recording(adversary, outputs: list):
+    """``adversary`` (fra31's AutoAttack) with each of its attack objects appending what it returns to
+    ``outputs``: the adversarial images themselves, which a wrong seed or target changes even where
+    the robust flags happen to stay the same."""
+    for attr in ("apgd", "apgd_targeted", "fab", "square"):
+        def perturb(*args, _real=getattr(adversary, attr).perturb, **kwargs):
+            out = _real(*args, **kwargs)
+            outputs.append(out.detach().clone())
+            return out
+        getattr(adversary, attr).perturb = perturb
+    return adversary
+
+
 def _job_reference(weights):
-    """fra31's AutoAttack, as RobustBench runs it, on the first N points: its robust flags per point."""
+    """fra31's AutoAttack, as RobustBench runs it, on the first N points: (its robust flags per point,
+    every adversarial batch its attacks returned)."""
     model, test = _load(weights)
     x, y = test.images[:N].float() / 255, test.labels[:N]
+    outputs = []
     adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
-    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=N)
-    return y_adv == y  # the label it ends on: the clean one for a robust point, a wrong one otherwise
+    _, y_adv = _recording(_cut(adversary, **BUDGETS), outputs).run_standard_evaluation(x, y, batch_size=N)
+    return y_adv == y, outputs  # the label it ends on: the clean one for a robust point, a wrong one otherwise
 
 
 def _job_one_block(weights, state_dir):
-    """Ours with one block of all N points and the reference's batch size: (result, per-point flags)."""
+    """Ours with one block of all N points and the reference's batch size: (result, per-point flags,
+    every adversarial batch the attacks returned)."""
     model, test = _load(weights)
+    build, outputs = aa_mod.build_attack, []
+
+    def recording_build(*args, **kwargs):
+        atk = build(*args, **kwargs)
+        _recording(atk.adversary, outputs)
+        return atk
+    aa_mod.build_attack = recording_build
     res = autoattack(model, test, EPS, limit=N, block_size=N, batch_size=N, state_dir=state_dir)
-    return res, load_file(os.path.join(state_dir, "rank0.safetensors"))["after.square"].bool()
+    return res, load_file(os.path.join(state_dir, "rank0.safetensors"))["after.square"].bool(), outputs
 
 
 class _Records(logging.Handler):
@@ -113,6 +140,7 @@ def _job_stopped_and_resumed(weights, kw):
 
 def _one_thread_job(job, *args):
     torch.set_num_threads(1)  # as the rank workers run: the same arithmetic, bit for bit
+    _ours_with(**BUDGETS)
     return job(*args)
 
 
@@ -134,7 +162,7 @@ def cascades(trained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_flags(cascades):
-    return cascades["reference"]
+    return cascades["reference"][0]
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +182,16 @@ def _counts(res):
 def test_one_block_gives_the_reference_flags_point_by_point(cascades, reference_flags):
     """One block of all N points on one rank, the same seed and batch size (all N in one batch: each
     attack's cost is mostly per iteration, not per point): our chunk is the reference's batch and every
-    attack call gets the reference's seed, so the flags must be equal."""
-    res, flags = cascades["one_block"]
+    attack call gets the reference's seed, so the flags, and every adversarial batch on the way, must be
+    equal."""
+    res, flags, outputs = cascades["one_block"]
     assert 0 < int(reference_flags.sum()) < res["clean"]["correct"]  # the attacks decide something
     assert torch.equal(flags, reference_flags), (flags != reference_flags).nonzero().flatten().tolist()
     assert res["correct"] == int(reference_flags.sum())
+    reference_outputs = cascades["reference"][1]
+    assert len(outputs) == len(reference_outputs) == len(AA_STANDARD)  # one batch per attack
+    for name, ours_adv, ref_adv in zip(AA_STANDARD, outputs, reference_outputs):
+        assert torch.equal(ours_adv, ref_adv), name
 
 
 @pytest.mark.multiproc  # its cascades run in two processes
@@ -198,12 +231,30 @@ def test_settings_are_the_reference_standard_version():
     assert list(rand) == ["apgd-ce", "apgd-dlr"] and rand["apgd-ce"]["eot_iter"] == 20
 
 
-def _cut_budgets(atk):
-    """A library attack with its iterations cut to a few (the wiring is under test, not the budgets)."""
-    ref = atk.adversary
-    ref.apgd.n_iter = ref.apgd_targeted.n_iter = ref.fab.n_iter = 3
-    ref.square.n_queries = 30
+def _cut(adversary, n_iter=3, n_queries=30):
+    """fra31's AutoAttack object with its attacks' budgets cut (the wiring is under test, not the budgets)."""
+    adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = adversary.fab.n_iter = n_iter
+    adversary.square.n_queries = n_queries
+    return adversary
+
+
+def _cut_budgets(atk, **budgets):
+    """One of our attacks (its library object is ``atk.adversary``) with the budgets cut."""
+    _cut(atk.adversary, **budgets)
     return atk
+
+
+def _ours_with(**budgets):
+    """Every attack ours builds from now on, in this (spawned) process, runs with ``budgets``."""
+    build = aa_mod.build_attack
+    aa_mod.build_attack = lambda *a, **k: _cut_budgets(build(*a, **k), **budgets)
+
+
+@pytest.fixture
+def cut_budgets(monkeypatch):
+    """BUDGETS for the cascades a test runs in the test process, as the spawned ones run."""
+    build = aa_mod.build_attack
+    monkeypatch.setattr(aa_mod, "build_attack", lambda *a, **k: _cut_budgets(build(*a, **k), **BUDGETS))
 
 
 def test_plus_and_rand_versions_through_evaluate(trained, tmp_path, monkeypatch):
@@ -270,6 +321,7 @@ def _noisy(model, test, state_dir):
 
 
 def _rank_worker(rank, world, weights, out_dir, state_dir):
+    _ours_with(**BUDGETS)
     model = _fresh_model()
     model.load_state_dict(load_file(weights))
     model.eval()
@@ -301,7 +353,7 @@ def two_ranks(trained, tmp_path_factory):
 
 
 @pytest.mark.multiproc
-def test_two_ranks_count_exactly_what_one_process_counts(trained, ours, two_ranks, tmp_path):
+def test_two_ranks_count_exactly_what_one_process_counts(trained, ours, two_ranks, tmp_path, cut_budgets):
     model, test, weights = trained
     res, out = two_ranks
     assert res[0]["full"]["world_size"] == 2 and res[0]["full"]["n"] == N
@@ -320,7 +372,7 @@ def test_two_ranks_count_exactly_what_one_process_counts(trained, ours, two_rank
 
 
 @pytest.mark.multiproc
-def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, cascades, two_ranks, caplog):
+def test_resume_after_a_kill_gives_the_uninterrupted_result(trained, cascades, two_ranks, caplog, cut_budgets):
     model, test, _ = trained
     (first, resumed, log_text), kw = cascades["resumed"], cascades["kw"]
     assert list(first["per_attack"]) == ["apgd-ce"] and first["stopped_after"] == "apgd-ce"
@@ -388,8 +440,7 @@ def test_outputs_outside_the_ball_count_as_failed_attacks(trained, monkeypatch, 
     assert "outside the eps ball" in caplog.text
 
 
-@pytest.mark.slow
-def test_l2_cascade_in_bounds_and_model_state_restored(trained):
+def test_l2_cascade_in_bounds_and_model_state_restored(trained, cut_budgets):
     model, test, _ = trained
     model.train()  # attack_mode must put BN in eval mode and give the model back as it was
     buffers = {k: v.clone() for k, v in model.state_dict().items()}

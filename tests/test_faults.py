@@ -133,9 +133,14 @@ def _nan_on_rank_1(rank, world, tmp_path):
     PGDAT.loss = loss
     dist.setup_logging(rank == 0)
     cfg = load_config(QUICKSTART, _args(tmp_path, "nan")[2:])
-    with pytest.raises(FloatingPointError) as err:
+    # Caught without keeping the exception, so the DDP wrapper dies before its gloo group: pytest.raises'
+    # ExceptionInfo kept the traceback (and the wrapper) alive past the group's teardown, the likely cause
+    # of one rank aborting at exit in one full-suite run ("terminate called without an active exception").
+    try:
         engine.train(cfg, torch.device("cpu"))
-    message = str(err.value)
+        message = "no FloatingPointError"
+    except FloatingPointError as e:
+        message = str(e)
     torch.distributed.barrier()  # both ranks past the stop before the group is torn down
     assert "non-finite loss at step 3 (epoch 1) on rank(s) 1" in message, message
     assert not (tmp_path / "nan" / "checkpoints").exists() or not list((tmp_path / "nan" / "checkpoints").iterdir())

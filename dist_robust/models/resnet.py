@@ -13,7 +13,6 @@ final BN(-ReLU) if it has one, the units of partial fine-tuning and CARTL as CAR
 from __future__ import annotations
 
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 
@@ -146,7 +145,10 @@ def resnet50(in_channels: int) -> nn.Module:
     (layer4 then sees 1x1 maps): TWINS feeds 32x32 images straight into the ImageNet network, and
     keeping torchvision's modules and names lets ImageNet checkpoints load as ``features.*``.
     """
-    net = torchvision.models.resnet50(weights=None)
+    # Imported here: torchvision's import pulls in torch._dynamo (1.4 s per process), which every rank
+    # of every run would pay at start-up for a model few runs build.
+    from torchvision.models import resnet50 as torchvision_resnet50
+    net = torchvision_resnet50(weights=None)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     net.fc = nn.Identity()  # the classifier is the model's head
