@@ -29,7 +29,8 @@ QUICKSTART = "configs/quickstart.yaml"
 # and must end where this run ends.
 REFERENCE = [*TINY, "optim.lr=0.2", "data.crop_padding=1", "train.epochs=2", "optim.milestones=[1.5]",
              "train.checkpoint_every=3", "train.log_every=1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+RUN_ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, **RUN_ENV}
 
 
 def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
@@ -38,11 +39,27 @@ def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
             "-m", "dist_robust", *args]
 
 
-def train_reference(out_dir, name: str, *extra: str, timeout: int = 600) -> Path:
-    """A 2-rank torchrun run of the reference recipe (plus ``extra``) in out_dir/name; what it printed
-    is kept beside the run folder, in out_dir/name.out."""
-    cmd = torchrun_cmd("train", QUICKSTART, *REFERENCE, f"run.out_dir={out_dir}", f"run.name={name}", *extra)
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def launcher_env(**extra) -> dict:
+    """This environment without the rendezvous and rank variables a launcher reads (a suite run inside
+    a slurm job or a torchrun rank must still start a one-node run), with this interpreter, plus extra."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "NNODES", "NODE_RANK",
+                                "RDZV_", "NPROC_PER_NODE", "TORCHRUN_ARGS", "MAX_RESTARTS"))}
+    env["DIST_ROBUST_PYTHON"] = sys.executable  # this checkout may have no .venv of its own
+    env.update(extra)
+    return env
+
+
+def train_reference(out_dir, name: str, *extra: str, timeout: int = 600, launcher: str = "torchrun") -> Path:
+    """A 2-rank torchrun run of the reference recipe (plus ``extra``) in out_dir/name, started by
+    torchrun itself or (launcher="torchrun.sh") by launch/torchrun.sh; what it printed is kept beside
+    the run folder, in out_dir/name.out."""
+    args = ("train", QUICKSTART, *REFERENCE, f"run.out_dir={out_dir}", f"run.name={name}", *extra)
+    if launcher == "torchrun.sh":  # one node, 2 ranks, this interpreter
+        cmd, env = ["bash", str(ROOT / "launch" / "torchrun.sh"), *args], launcher_env(**RUN_ENV, NPROC_PER_NODE="2")
+    else:
+        cmd, env = torchrun_cmd(*args), ENV
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     (Path(out_dir) / f"{name}.out").write_text(r.stdout + r.stderr)
     return Path(out_dir) / name
@@ -50,8 +67,9 @@ def train_reference(out_dir, name: str, *extra: str, timeout: int = 600) -> Path
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Path:
-    """The folder of the reference run, trained once per test session."""
-    return train_reference(tmp_path_factory.mktemp("reference"), "ref")
+    """The folder of the reference run, trained once per test session, through launch/torchrun.sh (so
+    test_launch checks the script on this run rather than training one of its own)."""
+    return train_reference(tmp_path_factory.mktemp("reference"), "ref", launcher="torchrun.sh")
 
 
 def _entry(rank, world, init_file, fn, args):

@@ -7,14 +7,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, launcher_env
 
 pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
 
@@ -33,13 +32,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "NNODES", "NODE_RANK",
-                                "RDZV_", "NPROC_PER_NODE", "TORCHRUN_ARGS"))}
-    env["DIST_ROBUST_PYTHON"] = sys.executable  # this checkout may have no .venv of its own
-    env.update(extra)
-    return env
 
 
 def _check_results(run_dir: Path, world: int = 2):
@@ -51,22 +43,19 @@ def _check_results(run_dir: Path, world: int = 2):
 
 # --- launch/torchrun.sh ------------------------------------------------------------------------------
 
-def test_torchrun_sh_single_node(tmp_path):
-    t0 = time.monotonic()
-    r = subprocess.run(["bash", str(TORCHRUN_SH), RECIPE, *TINY, f"run.out_dir={tmp_path}", "run.name=tr"],
-                       cwd=ROOT, env=_env(NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "--standalone" in r.stderr and "--nproc_per_node=2" in r.stderr  # the `set -x` line
-    assert "2 ranks" in r.stderr
-    _check_results(tmp_path / "tr")
-    print(f"torchrun.sh, 1 node x 2 ranks: {time.monotonic() - t0:.1f} s")
+def test_torchrun_sh_single_node(reference):
+    """The shared reference run (conftest) is started by launch/torchrun.sh with NPROC_PER_NODE=2."""
+    out = (reference.parent / f"{reference.name}.out").read_text()
+    assert "--standalone" in out and "--nproc_per_node=2" in out  # the `set -x` line
+    assert "2 ranks" in out
+    _check_results(reference)
 
 
 def test_torchrun_sh_two_nodes_c10d(tmp_path):
     """Two torchrun.sh calls with NNODES=2 and the same RDZV_ENDPOINT, one rank each: the multi-node
     path, with both "nodes" on this machine."""
     port = _free_port()
-    env = _env(NNODES="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID="test-two-nodes", NPROC_PER_NODE="1",
+    env = launcher_env(NNODES="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID="test-two-nodes", NPROC_PER_NODE="1",
                OMP_NUM_THREADS="1")
     # both "nodes" share this machine's cores: one torch thread per rank (the default counts the node's
     # cores over its local ranks, 1 here)
@@ -102,7 +91,7 @@ def fake_project(tmp_path):
     fake.chmod(0o755)
 
     def run(*args, **env):
-        e = _env(**env)
+        e = launcher_env(**env)
         del e["DIST_ROBUST_PYTHON"]
         e["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "")  # no GPU unless a test says so
         e.pop("OMP_NUM_THREADS", None)
@@ -167,7 +156,7 @@ def slurm():
 
 
 def _squeue(slurm, job: str, fmt: str = "%T") -> str:
-    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", fmt], env=_env(SLURM_CONF=slurm["conf"]),
+    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", fmt], env=launcher_env(SLURM_CONF=slurm["conf"]),
                        capture_output=True, text=True, timeout=30)
     return r.stdout.strip()
 
@@ -178,7 +167,7 @@ def _submit(slurm, tmp_path, *overrides) -> tuple[str, Path]:
     r = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", "--time=5", f"--output={out}",
                         "--job-name=test-launch", str(SBATCH.relative_to(ROOT)), RECIPE, *TINY,
                         f"run.out_dir={tmp_path}", *overrides],
-                       cwd=ROOT, env=_env(SLURM_CONF=slurm["conf"]), capture_output=True, text=True, timeout=60)
+                       cwd=ROOT, env=launcher_env(SLURM_CONF=slurm["conf"]), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
     return job, tmp_path / f"slurm-{job}.out"
@@ -193,27 +182,15 @@ def _wait(slurm, job: str, log: Path, limit_s: float, on_poll=None) -> str:
         if state in FINAL:
             return state
         time.sleep(0.5)
-    subprocess.run(["scancel", job], env=_env(SLURM_CONF=slurm["conf"]), timeout=30)
+    subprocess.run(["scancel", job], env=launcher_env(SLURM_CONF=slurm["conf"]), timeout=30)
     pytest.fail(f"job {job} not finished after {limit_s} s (state {state}):\n"
                 f"{log.read_text()[-3000:] if log.exists() else '(no output)'}")
 
 
-def test_sbatch_two_ranks(slurm, tmp_path):
-    t0 = time.monotonic()
-    job, log = _submit(slurm, tmp_path, "run.name=sb")
-    state = _wait(slurm, job, log, limit_s=180)
-    out = log.read_text()
-    assert state == "COMPLETED", out[-3000:]
-    assert f"job {job} restart 0 on " in out and "1 node(s) x 2 rank(s)" in out  # one rank per CPU
-    assert "sb: cnn3 on digits (1437 images, memory loader, 2 ranks" in out
-    assert "srun exited with status 0" in out
-    _check_results(tmp_path / "sb")
-    print(f"sbatch, 1 node x 2 ranks: {time.monotonic() - t0:.1f} s")
-
-
-def test_sbatch_requeue_resumes(slurm, tmp_path):
-    """USR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit) requeues the job;
-    the second run resumes from the epoch-1 checkpoint and finishes."""
+def test_sbatch_two_ranks_requeued_by_usr1_resume_and_finish(slurm, tmp_path):
+    """The batch script starts one rank per CPU through srun; USR1 to the batch shell (what
+    --signal=B:USR1@120 sends before the time limit) requeues the job; the second run resumes from the
+    epoch-1 checkpoint and finishes."""
     t0 = time.monotonic()
     job, log = _submit(slurm, tmp_path, "run.name=rq", "train.epochs=2")
     first = tmp_path / "rq" / "checkpoints" / "epoch_0001.json"
@@ -222,7 +199,7 @@ def test_sbatch_requeue_resumes(slurm, tmp_path):
         assert _squeue(slurm, job) not in FINAL, log.read_text()[-3000:]
         assert time.monotonic() < t_end, f"no epoch-1 checkpoint after 120 s:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
-    env = _env(SLURM_CONF=slurm["conf"])
+    env = launcher_env(SLURM_CONF=slurm["conf"])
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=30)
     released = []
 
@@ -234,10 +211,12 @@ def test_sbatch_requeue_resumes(slurm, tmp_path):
     out = log.read_text()
     assert state == "COMPLETED", out[-3000:]
     assert released, "the job was never seen pending again after USR1"
+    assert "1 node(s) x 2 rank(s)" in out and "rq: cnn3 on digits (1437 images, memory loader, 2 ranks" in out
     assert f"requeueing job {job}" in out
     assert f"job {job} restart 0 on " in out and f"job {job} restart 1 on " in out  # --open-mode=append
     assert f"resumed from {first}: epoch 1, step 22" in out
     assert "epoch 2/2" in out and "epoch 1/2" in out.split("restart 1 on ")[0]
     assert "epoch 1/2" not in out.split("restart 1 on ")[1]  # not trained again
+    assert "srun exited with status 0" in out.split("restart 1 on ")[1]
     _check_results(tmp_path / "rq")
     print(f"sbatch, requeue after epoch 1 and resume: {time.monotonic() - t0:.1f} s")
