@@ -40,6 +40,9 @@ def resolve_loader(data) -> str:
 def ensure_beton(data, split: str) -> None:
     """Rank 0 writes the split's .beton when it is missing or was made from other data (a stale one);
     a corrupt one is refused (FFCVDataError), not silently replaced. Every rank waits for it."""
+    # Every rank imports FFCV (about 5 s on 2 cores) now, alongside rank 0, not after its preparation.
+    import ffcv.loader  # noqa: F401
+    import ffcv.writer  # noqa: F401
     error = None
     if dist.is_main():
         path = beton_path(data.ffcv_dir, data.name, split, data.ffcv_format)
