@@ -1,7 +1,7 @@
-"""The DeepSpeed engine (engine/deepspeed.py) on 2 CPU ranks: from the same seed it trains what DDP trains
-(ZeRO 0 and 2 for PGD-AT; ZeRO-2 for every method, TWINS with its synchronised adaptive wing), its
-checkpoints are the project's format and resume under DDP and back, and launch/deepspeed.sh runs it
-with a hostfile."""
+"""The DeepSpeed engine (engine/deepspeed.py) on 2 CPU ranks: it trains what DDP trains (ZeRO-0 from the
+same seed, launched by launch/deepspeed.sh with a hostfile; ZeRO-2 from the same seed for every method,
+TWINS with its synchronised adaptive wing), and its checkpoints are the project's format: DDP's continue
+under ZeRO-2 and ZeRO-2's under DDP, ending where DDP ends."""
 import shutil
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENV, QUICKSTART, REFERENCE, ROOT, train_reference
+from conftest import ENV, QUICKSTART, REFERENCE, ROOT, torchrun_cmd, train_reference
 
 pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
 
@@ -45,16 +45,45 @@ def _momentum(run: Path, epoch: int) -> dict:
     return {k: v for k, v in train.items() if k.endswith("momentum_buffer")}
 
 
+def _resume_from(out_dir: Path, checkpoint: Path, name: str, *extra, recipe: Path | None = None) -> Path:
+    """A run folder holding only the epoch-1 checkpoint (and config.yaml) of the run in ``checkpoint``,
+    trained on to the end: the reference recipe, or ``recipe`` (a resolved config.yaml) if given."""
+    ckpts = out_dir / name / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for f in (checkpoint / "checkpoints").glob("epoch_0001.*"):
+        shutil.copy(f, ckpts / f.name)
+    shutil.copy(checkpoint / "config.yaml", out_dir / name / "config.yaml")
+    if recipe is None:
+        return _train(out_dir, name, *extra)
+    cmd = torchrun_cmd("train", str(recipe), f"run.out_dir={out_dir}", f"run.name={name}", *extra)
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    (out_dir / f"{name}.out").write_text(r.stdout + r.stderr)
+    return out_dir / name
+
+
+def _only_epoch_2(run: Path) -> None:
+    """The run resumed from its epoch-1 checkpoint and trained epoch 2 alone."""
+    out = (run.parent / f"{run.name}.out").read_text()
+    assert "resumed from" in out and "epoch 2/2" in out and "epoch 1/2" not in out, out[-3000:]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, reference):
     tmp = tmp_path_factory.mktemp("engines")
     return {"ddp": reference,
             "zero0": _train(tmp, "zero0", "dist.zero_stage=0", launcher="deepspeed.sh"),
-            "zero2": _train(tmp, "zero2", "dist.engine=deepspeed", "dist.zero_stage=2")}
+            # DDP's first epoch continued under ZeRO-2: each rank takes its slice of every momentum buffer,
+            # and the epoch-2 checkpoint assembles them again from both ranks' partitions
+            "zero2": _resume_from(tmp, reference, "zero2", "dist.engine=deepspeed", "dist.zero_stage=2")}
 
 
 @pytest.mark.parametrize("stage", ["zero0", "zero2"])
-def test_deepspeed_reaches_ddps_parameters_from_the_same_seed(runs, stage):
+def test_deepspeed_ends_where_ddp_ends(runs, stage):
+    """ZeRO-0 from the same seed, ZeRO-2 from DDP's epoch-1 checkpoint (ZeRO-2 from the seed: every
+    method, below)."""
+    if stage == "zero2":
+        _only_epoch_2(runs[stage])
     ddp, ds = load_file(runs["ddp"] / "model.safetensors"), load_file(runs[stage] / "model.safetensors")
     # BN running statistics too: the engine copies rank 0's buffers at each training forward, as DDP does
     _close(ddp, ds, f"{stage} model")
@@ -64,25 +93,6 @@ def test_deepspeed_reaches_ddps_parameters_from_the_same_seed(runs, stage):
     m_ddp, m_ds = _momentum(runs["ddp"], 2), _momentum(runs[stage], 2)
     assert m_ddp and all(v.abs().sum() > 0 for v in m_ddp.values())
     _close(m_ddp, m_ds, f"{stage} momentum")
-
-
-def _resume_from(tmp_path, source: Path, name: str, *extra) -> Path:
-    """A run folder holding only ``source``'s first-epoch checkpoint, trained on to the end."""
-    ckpts = tmp_path / name / "checkpoints"
-    ckpts.mkdir(parents=True)
-    for f in (source / "checkpoints").glob("epoch_0001.*"):
-        shutil.copy(f, ckpts / f.name)
-    shutil.copy(source / "config.yaml", tmp_path / name / "config.yaml")
-    return _train(tmp_path, name, *extra)
-
-
-def test_checkpoints_resume_across_engines(runs, tmp_path):
-    # ZeRO-2's checkpoint (momentum assembled from both ranks' partitions) continues under DDP ...
-    to_ddp = _resume_from(tmp_path, runs["zero2"], "zero2_then_ddp")
-    _close(load_file(runs["ddp"] / "model.safetensors"), load_file(to_ddp / "model.safetensors"), "DDP from ZeRO-2")
-    # ... and DDP's continues under ZeRO-2 (each rank takes its slice of every momentum buffer)
-    to_zero2 = _resume_from(tmp_path, runs["ddp"], "ddp_then_zero2", "dist.engine=deepspeed", "dist.zero_stage=2")
-    _close(load_file(runs["ddp"] / "model.safetensors"), load_file(to_zero2 / "model.safetensors"), "ZeRO-2 from DDP")
 
 
 # Every method of the project, two steps each, as the stages of one recipe: one launch per engine.
@@ -95,8 +105,9 @@ train: {epochs: 1}
 eval: {at_end: false}
 stages:
   - {name: standard, method: {name: standard}}
-  - {name: pgd_at, method: {name: pgd_at}}
+  - {name: pgd_at, method: {name: pgd_at}, train: {epochs: 2}}
   - {name: trades, method: {name: trades}}
+  - {name: mart, method: {name: mart}}
   - {name: twins_at, method: {name: twins_at}, model: {init_from: stage:standard, sync_bn: true}}
   - {name: twins_trades, method: {name: twins_trades}, model: {init_from: stage:standard, sync_bn: true}}
   - {name: cartl, method: {name: cartl}}
@@ -131,3 +142,13 @@ def test_every_method_trains_alike_under_ddp_and_zero2(every_method, stage):
     ddp = load_file(every_method["ddp"] / stage / "model.safetensors")
     zero2 = load_file(every_method["zero2"] / stage / "model.safetensors")
     _close(ddp, zero2, stage)
+
+
+def test_a_zero2_checkpoint_continues_under_ddp(every_method, tmp_path):
+    """ZeRO-2's epoch-1 checkpoint of the 2-epoch pgd_at stage (momentum assembled from both ranks'
+    partitions) continues under DDP to where DDP's own run of that stage ends."""
+    stage = every_method["zero2"] / "pgd_at"
+    resumed = _resume_from(tmp_path, stage, "zero2_then_ddp", "dist.engine=ddp", recipe=stage / "config.yaml")
+    _only_epoch_2(resumed)
+    _close(load_file(every_method["ddp"] / "pgd_at" / "model.safetensors"),
+           load_file(resumed / "model.safetensors"), "DDP from ZeRO-2")
