@@ -97,7 +97,7 @@ def test_deepspeed_ends_where_ddp_ends(runs, stage):
 
 # Every method of the project, two steps each, as the stages of one recipe: one launch per engine.
 EVERY_METHOD = """
-data: {name: mnist, subset: 128, batch_size: 64}
+data: {name: digits, subset: 128, batch_size: 64}
 model: {name: cnn3}
 attack: {eps: 0.1, steps: 1}
 optim: {lr: 0.05}
