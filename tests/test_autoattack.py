@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pyautoattack import AutoAttack
 from safetensors.torch import load_file, save_file
 
-from conftest import run_ranks
+from conftest import START_METHOD, run_ranks
 from dist_robust.attacks import autoattack as aa_mod
 from dist_robust.attacks import pgd
 from dist_robust.attacks.autoattack import attacks_of, autoattack, settings, within_bounds
@@ -152,7 +152,7 @@ def cascades(trained, tmp_path_factory):
     weights = trained[2]
     tmp = tmp_path_factory.mktemp("aa_cascades")
     kw = dict(limit=N, block_size=BLOCK, batch_size=BLOCK, state_dir=tmp / "resumed", fingerprint="sha-of-model")
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(START_METHOD)) as pool:
         jobs = {"resumed": pool.submit(_one_thread_job, _job_stopped_and_resumed, weights, kw),
                 "reference": pool.submit(_one_thread_job, _job_reference, weights),
                 "one_block": pool.submit(_one_thread_job, _job_one_block, weights, str(tmp / "one_block"))}
