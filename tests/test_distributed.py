@@ -24,6 +24,44 @@ def _model():
     return build_model("cnn3", info.channels, info.num_classes, info.mean, info.std)
 
 
+def _starts_by_index(out_path=None):
+    """Evaluate 101 digits points with PGD-1 in batches of 16 on this rank's shard, recording every
+    random start evaluate() draws; returns them (rank 0: all ranks') in global index order."""
+    from dist_robust import evaluate as ev
+    real, drawn = ev._seeded_starts, {}
+
+    def recording(x, first_index, *args):
+        drawn[first_index] = real(x, first_index, *args)
+        return drawn[first_index]
+    ev._seeded_starts = recording
+    try:
+        ev.evaluate(_model(), load_dataset("digits", "test"), ["pgd-1"], eps=0.2, batch_size=16,
+                    device=torch.device("cpu"), limit=101)
+    finally:
+        ev._seeded_starts = real
+    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [drawn]
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, drawn)
+    merged = {k: v for d in gathered for k, v in d.items()}
+    return torch.cat([merged[k] for k in sorted(merged)])
+
+
+def _starts_worker(rank, world, out_dir):
+    starts = _starts_by_index()
+    if rank == 0:
+        torch.save(starts, os.path.join(out_dir, "starts.pt"))
+
+
+def test_each_points_random_start_is_the_same_on_any_rank(tmp_path):
+    """evaluate() seeds each point's start by its global index: 2 ranks (shards of 51 and 50 points,
+    batches starting at other indices) draw for every point what 1 rank draws. The counts alone do
+    not show this: PGD's outcome hardly depends on its start."""
+    run_ranks(_starts_worker, 2, str(tmp_path))
+    one, two = _starts_by_index(), torch.load(tmp_path / "starts.pt")
+    assert one.shape == two.shape == (101, 1, 28, 28) and one.abs().max() > 0
+    assert torch.equal(one, two)
+
+
 def _ddp_step_worker(rank, world, out_dir):
     cfg = config.load_config("configs/quickstart.yaml", ["data.name=digits", "attack.eps=0.1", "attack.steps=2"])
     model = _model()
