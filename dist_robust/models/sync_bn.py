@@ -2,7 +2,8 @@
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so this layer does the synchronisation itself: in
 training mode each rank computes per-channel [sum, sum of squares, count] of its local batch and one
-autograd-aware ``all_reduce`` (``torch.distributed.nn.functional``) turns them into global sums, so the
+autograd-aware ``all_reduce`` (torch's functional collective, whose backward all-reduces the incoming
+gradient as ``torch.distributed.nn.functional``'s deprecated one did) turns them into global sums, so the
 backward pass carries the cross-rank terms of the batch-statistics gradient exactly. The sums are
 taken around the running mean (a constant shared by all ranks) to keep ``E[x^2] - E[x]^2`` from
 cancelling. Running statistics take the unbiased global variance, as single-process BN does.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+from torch.distributed._functional_collectives import all_reduce
 
 
 def _distributed() -> bool:
@@ -37,7 +38,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         xs = (x - shift).float()  # statistics in fp32 even under autocast
         count = x.new_full((1,), x.numel() // c if x.numel() else 0, dtype=torch.float32)
         local = torch.cat([xs.sum((0, 2, 3)), (xs * xs).sum((0, 2, 3)), count])
-        total = all_reduce(local)  # sum over ranks; its backward all-reduces the gradients
+        total = all_reduce(local, "sum", dist.group.WORLD)  # its backward all-reduces the gradients
         n = total[-1]
         if x.device.type == "cpu" and n.item() < 2:  # (on CUDA this check would cost a sync per layer)
             raise ValueError("SyncBatchNorm2d needs more than one value per channel across all ranks")
