@@ -126,7 +126,7 @@ class AttackConfig:
     restarts: int = 1                   # > 1: each point keeps its worst case
     bn_mode: str = "eval"               # BN during the attack: eval (modern default) or train (Madry's TF code)
     compile: str = "auto"               # fused torch.compile step: on | off | auto (CUDA only, see attacks/fused.py)
-    precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast, CUDA only)
+    precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast; fp16 on CUDA only)
     channels_last: bool = False         # attack inputs in channels_last memory format
 
     def check(self) -> None:
@@ -205,7 +205,7 @@ class EvalConfig:
     aa_block_size: int = 500            # AutoAttack: points per block, its unit of sharding and seeding (ranks
                                         # share whole blocks: fewer points than ranks x this leaves ranks idle)
     at_end: bool = True                 # evaluate after training and write results.json
-    precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast, CUDA only) of the evaluation attacks;
+    precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast; fp16 on CUDA only) of the eval attacks;
                                         # never attack.precision: a weaker training attack must not weaken the eval
 
     def check(self, attack: AttackConfig) -> None:

@@ -91,18 +91,21 @@ def test_on_off_yes_no_stay_strings_in_overrides_and_recipes(tmp_path):
 
 def test_evaluation_precision_is_eval_precision_never_the_training_attacks(tmp_path, capsys):
     """attack.precision is the training attack's; the final evaluation, RiFT's and `dist-robust eval` read
-    eval.precision (fp32 by default). On the CPU a bf16 PGD is refused, so an evaluation that inherited
-    the checkpoint's attack.precision=bf16 would fail here."""
+    eval.precision (fp32 by default). On the CPU an fp16 PGD is refused, so an evaluation that inherited
+    the checkpoint's attack.precision=fp16 would fail here; bf16 runs on the CPU."""
     from dist_robust.checkpoint import save_checkpoint
     from dist_robust.evaluate import eval_attack_opts
     from dist_robust.models import build_model
-    cfg = load_config(None, ["attack.precision=bf16", "data.name=digits", "run.device=cpu"])
+    cfg = load_config(None, ["attack.precision=fp16", "data.name=digits", "run.device=cpu"])
     assert eval_attack_opts(cfg)["precision"] == "fp32"
     assert eval_attack_opts(load_config(None, ["attack.precision=bf16", "eval.precision=bf16"]))["precision"] == "bf16"
     save_checkpoint(tmp_path, "model", build_model("cnn3", 1, 10, [0.5], [0.5]).state_dict(),
                     dict(config=cfg.to_dict(), epoch=1, step=1))
     args = ["eval", "--checkpoint", str(tmp_path), "--dataset", "digits", "--attacks", "clean,pgd-1", "--limit", "8"]
+    results = tmp_path / "eval-digits-test.json"
     assert main(args) == 0
-    assert json.loads((tmp_path / "eval-digits-test.json").read_text())["attacks"]["pgd-1"]["precision"] == "fp32"
-    assert main(args + ["--precision", "bf16"]) == 1  # the setting does reach the attack
-    assert "bf16 needs a CUDA device" in capsys.readouterr().err
+    assert json.loads(results.read_text())["attacks"]["pgd-1"]["precision"] == "fp32"
+    assert main(args + ["--precision", "fp16"]) == 1  # the setting does reach the attack
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
+    assert main(args + ["--precision", "bf16"]) == 0
+    assert json.loads(results.read_text())["attacks"]["pgd-1"]["precision"] == "bf16"

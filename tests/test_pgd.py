@@ -61,6 +61,29 @@ def test_perturbation_in_ball_and_box(trained, norm, eps, loss, restarts, random
             assert (model(x_adv).argmax(1) == y).sum() < (model(x).argmax(1) == y).sum()
 
 
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.1), ("L2", 1.5)])
+@pytest.mark.slow
+def test_bf16_attack_on_the_cpu_stays_in_bounds_and_is_as_strong(trained, norm, eps):
+    """precision=bf16 on the CPU: the forward and input gradient under bf16 autocast, the perturbation
+    and its projection in fp32, so the result is fp32, in the ball and the box, and about as strong as
+    the fp32 attack from the same starts; fp16 stays CUDA-only."""
+    model, test = trained
+    x, y = _batch(test, 256, start=1000)
+    adv = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        adv[precision] = pgd(model, x, y, eps, 10, norm=norm, precision=precision)
+    low = adv["bf16"]
+    assert low.dtype == torch.float32 and not torch.equal(low, adv["fp32"])  # bf16 really ran
+    assert (_dist(low, x, norm) <= eps * (1 + 1e-5) + 1e-6).all() and low.min() >= 0 and low.max() <= 1
+    with torch.no_grad():
+        acc = {p: (model(a).argmax(1) == y).float().mean().item() for p, a in adv.items()}
+    assert acc["bf16"] < (model(x).argmax(1) == y).float().mean().item() - 0.1  # it attacks
+    assert abs(acc["bf16"] - acc["fp32"]) <= 0.02, acc  # within 5 of 256 points
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        pgd(model, x[:2], y[:2], eps, 1, norm=norm, precision="fp16")
+
+
 def test_targeted_attack_reaches_its_targets(trained):
     model, test = trained
     x, y = _batch(test, 64)

@@ -22,7 +22,7 @@ from .fused import make_step
 from .steps import LOSSES, LossFn, ascend, attack_loss, cw_margin, random_start  # noqa: F401 (re-exported)
 
 NORMS = ("Linf", "L2")
-PRECISIONS = ("fp32", "bf16", "fp16")  # autocast of the attack's steps (half precisions on CUDA only)
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast of the attack's steps (fp16 on CUDA only)
 
 
 # ---------------------------------------------------------------- attack mode
@@ -78,7 +78,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
     step_size: default eps / 4. restarts: with several, each point keeps its worst case (the
     restart that fools the model, else the one with the highest loss). delta0: the first restart's
     start (the evaluator seeds one per point); later restarts draw from torch's RNG.
-    compile: off | on | auto (see fused.py). precision: fp32, or bf16 / fp16 autocast on CUDA.
+    compile: off | on | auto (see fused.py). precision: fp32, or bf16 autocast (CPU, CUDA) / fp16 (CUDA).
     """
     _check_args(eps, steps, norm, restarts, precision, x)
     alpha = eps / 4 if step_size is None else step_size
@@ -136,6 +136,6 @@ def _check_args(eps, steps, norm, restarts, precision, x):
         raise ValueError(f"unknown norm {norm!r} (known: {', '.join(NORMS)})")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown attack precision {precision!r} (fp32, bf16 or fp16)")
-    if precision != "fp32" and x.device.type != "cuda":
-        raise ValueError(f"attack precision {precision} needs a CUDA device; use fp32 on the CPU")
+    if precision == "fp16" and x.device.type != "cuda":  # CPU autocast is bf16 (fast with avx512_bf16 / AMX)
+        raise ValueError("attack precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
 
