@@ -3,11 +3,12 @@
     .venv/bin/python bench/attacks.py [--batches 64,256] [--widths 32,64] [--repeats 10]
 
 For each model size (cnn3 at two widths) and batch size, on real MNIST with a model trained here:
-  PGD step / clean training step      (target <= 0.75; bound ~0.67)
-  our PGD-10 / torchattacks PGD-10    (eager and fused; target <= 0.7 at equal accuracy)
-  fused / eager PGD step              (compile pays where < 1)
+  PGD step / clean training step      (eager and fused; bound ~0.67)
+  our PGD-10 / torchattacks PGD-10    (fp32 eager, bf16 eager and fp32 fused; target <= 0.7 at equal
+                                       accuracy), with every variant's robust accuracy on the same points
 (AutoAttack against fra31's reference: bench/autoattack.py.)
-Medians over repeats after warm-up (compilation excluded and reported apart), with min and max.
+Each comparison is timed interleaved (reference, A, B, reference, A, B ..., same batch and process,
+warm-up and compilation excluded): the median of the per-round ratios with their min and max.
 Writes bench/results/attacks.json with the command, machine, threads and torch version.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torchattacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import timed  # noqa: E402
+from timing import interleaved  # noqa: E402
 from dist_robust.attacks import pgd  # noqa: E402
 from dist_robust.data import load_dataset  # noqa: E402
 from dist_robust.models import build_model  # noqa: E402
@@ -70,23 +71,30 @@ def bench_pgd(model, x, y, repeats: int) -> dict:
     pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="on")  # compiles (cached per model and settings)
     compile_s = time.perf_counter() - t0
     ref = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=10, random_start=True)
-    r = {"clean_step": timed(clean_step, repeats),
-         "pgd_step_eager": timed(lambda: pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="off"), repeats),
-         "pgd_step_fused": timed(lambda: pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="on"), repeats),
-         "pgd10_eager": timed(lambda: pgd(model, x, y, EPS, 10, step_size=ALPHA, compile="off"), repeats),
-         "pgd10_fused": timed(lambda: pgd(model, x, y, EPS, 10, step_size=ALPHA, compile="on"), repeats),
-         "pgd10_torchattacks": timed(lambda: ref(x, y), repeats), "compile_s": compile_s}
-    torch.manual_seed(1)
-    r["acc_pgd10_ours"] = accuracy(model, pgd(model, x, y, EPS, 10, step_size=ALPHA, compile="on"), y)
+    ours = {"eager": dict(compile="off"), "bf16": dict(compile="off", precision="bf16"), "fused": dict(compile="on")}
+    # Two interleaved measurements, each against its reference: the steps against a clean training step,
+    # our PGD-10 variants against torchattacks'.
+    steps = interleaved({"clean_step": clean_step,
+                         "pgd_step_eager": lambda: pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="off"),
+                         "pgd_step_fused": lambda: pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="on")}, repeats)
+    pgd10 = interleaved({"torchattacks": lambda: ref(x, y),
+                         **{k: (lambda kw=kw: pgd(model, x, y, EPS, 10, step_size=ALPHA, **kw)) for k, kw in ours.items()}},
+                        repeats)
+    r = {"clean_step_s": steps["clean_step"]["median_s"], "compile_s": compile_s, "ratios": {}}
+    for k in ("pgd_step_eager", "pgd_step_fused"):
+        r["ratios"][f"{k}/clean_step"] = _ratio(steps[k])
+    for k in ours:
+        r["ratios"][f"pgd10_{k}/torchattacks"] = _ratio(pgd10[k])
     torch.manual_seed(1)
     r["acc_pgd10_torchattacks"] = accuracy(model, ref(x, y), y)
-    m = lambda k: r[k]["median_s"]
-    r["ratios"] = {"pgd_step/clean_step": m("pgd_step_eager") / m("clean_step"),
-                   "fused_pgd_step/clean_step": m("pgd_step_fused") / m("clean_step"),
-                   "pgd10_eager/torchattacks": m("pgd10_eager") / m("pgd10_torchattacks"),
-                   "pgd10_fused/torchattacks": m("pgd10_fused") / m("pgd10_torchattacks"),
-                   "fused/eager_step": m("pgd_step_fused") / m("pgd_step_eager")}
+    for k, kw in ours.items():
+        torch.manual_seed(1)
+        r[f"acc_pgd10_{k}"] = accuracy(model, pgd(model, x, y, EPS, 10, step_size=ALPHA, **kw), y)
     return r
+
+
+def _ratio(res: dict) -> dict:
+    return {"median": res["ratio"], "min": res["ratio_min"], "max": res["ratio_max"]}
 
 
 def main() -> None:
@@ -106,15 +114,17 @@ def main() -> None:
             rows.append({"model": f"cnn3-w{width}", "params": sum(p.numel() for p in model.parameters()),
                          "batch": batch, **bench_pgd(model, x, y, args.repeats)})
 
-    print("| model | params | batch | clean step ms | PGD step / clean | fused step / clean | fused / eager "
-          "| PGD-10 eager / ta | PGD-10 fused / ta | acc ours / ta (%) | compile s |")
+    fmt = lambda q: f"{q['median']:.2f} [{q['min']:.2f}, {q['max']:.2f}]"
+    print("| model | params | batch | clean step ms | PGD step / clean | fused step / clean | PGD-10 eager / ta "
+          "| PGD-10 bf16 / ta | PGD-10 fused / ta | robust %: ta / eager / bf16 / fused | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         q = r["ratios"]
-        print(f"| {r['model']} | {r['params']:,} | {r['batch']} | {1e3 * r['clean_step']['median_s']:.1f} | "
-              f"{q['pgd_step/clean_step']:.2f} | {q['fused_pgd_step/clean_step']:.2f} | {q['fused/eager_step']:.2f} | "
-              f"{q['pgd10_eager/torchattacks']:.2f} | {q['pgd10_fused/torchattacks']:.2f} | "
-              f"{100 * r['acc_pgd10_ours']:.1f} / {100 * r['acc_pgd10_torchattacks']:.1f} | {r['compile_s']:.0f} |")
+        accs = " / ".join(f"{100 * r[f'acc_pgd10_{k}']:.1f}" for k in ("torchattacks", "eager", "bf16", "fused"))
+        print(f"| {r['model']} | {r['params']:,} | {r['batch']} | {1e3 * r['clean_step_s']:.1f} | "
+              f"{fmt(q['pgd_step_eager/clean_step'])} | {fmt(q['pgd_step_fused/clean_step'])} | "
+              f"{fmt(q['pgd10_eager/torchattacks'])} | {fmt(q['pgd10_bf16/torchattacks'])} | "
+              f"{fmt(q['pgd10_fused/torchattacks'])} | {accs} | {r['compile_s']:.0f} |")
     out = Path(__file__).parent / "results" / "attacks.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "machine": platform.node(),

@@ -1,13 +1,20 @@
-"""bf16 against fp32 on this CPU, each pair timed interleaved (A B A B ..., same batch, same process,
-warm-up excluded): the median of the per-round ratios and their spread.
+"""The engine's training steps in fp32, bf16 and compiled, each row's variants timed interleaved (A B C A B
+C ..., same batch, same process, warm-up and compilation excluded): the median of the per-round ratios to
+fp32 eager, and their spread.
 
-    .venv/bin/python bench/precision.py [--repeats 15] [--batch 128] [--threads 2]
+    .venv/bin/python bench/precision.py [--repeats 10] [--batch 128] [--threads 2] [--models cnn3,...]
 
-Rows, for cnn3, resnet_small and preact_resnet18 on 3x32x32 inputs (timing only, so random images):
-  PGD-10 attack       our pgd(precision="bf16") / pgd(precision="fp32"), eager steps
-  clean training step a forward + backward + SGD step under torch.autocast("cpu", bfloat16) / fp32
-                      (a probe: the engine's train.precision does not exist yet)
-Writes bench/results/precision.json with the command, machine, threads and torch version.
+Rows, for cnn3, resnet_small and preact_resnet18 on 3x32x32 inputs (timing only, so random images),
+each step built as the engine builds it (the method's loss under train.precision's autocast, the
+DDP engine's step on one rank):
+  clean step      method standard
+  PGD step        one step of pgd() (forward + input-gradient backward), the attack alone
+  PGD-5 AT step   method pgd_at, attack.steps=5
+  TWINS-AT step   method twins_at, attack.steps=5 (two BN wings)
+Variants: fp32 (eager, the reference), bf16 (train.precision and attack.precision bf16) and compiled
+(train.compile, the training forward; the PGD step row compiles the fused attack step instead).
+Also the PGD-5 AT step against the (2k+3)/3 bound: AT step / (13/3 x clean step), fp32 eager, from the
+ratios of one interleaved measurement of the two. Writes bench/results/precision.json.
 """
 from __future__ import annotations
 
@@ -16,63 +23,103 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved  # noqa: E402
 from dist_robust.attacks import pgd  # noqa: E402
+from dist_robust.config import load_config  # noqa: E402
+from dist_robust.engine.train import DDPTrainer, training_form  # noqa: E402
+from dist_robust.methods import build_method  # noqa: E402
 from dist_robust.models import build_model  # noqa: E402
+from dist_robust.utils import autocast  # noqa: E402
 
 MODELS = ("cnn3", "resnet_small", "preact_resnet18")
-EPS = 8 / 255
+EPS, K = 8 / 255, 5
+METHOD_ROWS = {"clean step": "standard", "PGD-5 AT step": "pgd_at", "TWINS-AT step": "twins_at"}
+VARIANTS = {"fp32": [], "bf16": ["train.precision=bf16", "attack.precision=bf16"], "compiled": ["train.compile=true"]}
 
 
-def training_step(model, opt, x, y, bf16: bool):
+def engine_step(model_name: str, method: str, overrides: list, x, y):
+    """One training step of ``method`` as train_one_epoch takes it (on one rank: no DDP wrapper)."""
+    cfg = load_config(None, [f"model.name={model_name}", f"method.name={method}", f"attack.eps={EPS}",
+                             f"attack.steps={K}", "attack.compile=off", *overrides], training=False)
+    torch.manual_seed(0)
+    m = build_method(cfg)
+    model = training_form(cfg, build_model(model_name, 3, 10, [0.5] * 3, [0.25] * 3), m, torch.device("cpu"))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+    trainer = DDPTrainer(model, opt, torch.device("cpu"), cfg.train)
+    if cfg.train.compile:
+        trainer.model = torch.compile(trainer.model)
+
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        model.train()
+        with autocast(cfg.train.precision, "cpu"):
+            loss, _ = m.loss(trainer.model, x, y)
+        trainer.step(loss)
     return step
+
+
+def attack_step(model_name: str, variant: str, x, y):
+    torch.manual_seed(0)
+    model = build_model(model_name, 3, 10, [0.5] * 3, [0.25] * 3).eval()
+    precision = "bf16" if variant == "bf16" else "fp32"
+    return lambda: pgd(model, x, y, EPS, 1, precision=precision, compile="on" if variant == "compiled" else "off")
+
+
+def first_calls(variants: dict) -> dict:
+    """Call each variant once (compilation happens here) and return how long that took."""
+    out = {}
+    for name, fn in variants.items():
+        t0 = time.perf_counter()
+        fn()
+        out[name] = time.perf_counter() - t0
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, bounds = [], []
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model = build_model(name, 3, 10, [0.5] * 3, [0.25] * 3)
         x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-        model.eval()
-        attack = interleaved({p: (lambda p=p: pgd(model, x, y, EPS, 10, precision=p)) for p in ("fp32", "bf16")},
-                             args.repeats)
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
-        train = interleaved({p: training_step(model, opt, x, y, p == "bf16") for p in ("fp32", "bf16")},
-                            args.repeats)
-        for row, res in (("PGD-10 attack", attack), ("clean training step", train)):
-            rows.append({"model": name, "row": row, "fp32_s": res["fp32"]["median_s"],
-                         "bf16_s": res["bf16"]["median_s"], "bf16/fp32": res["bf16"]["ratio"],
-                         "min": res["bf16"]["ratio_min"], "max": res["bf16"]["ratio_max"]})
-            r = rows[-1]
-            print(f"{name:16s} {row:20s} fp32 {r['fp32_s'] * 1e3:8.1f} ms  bf16/fp32 {r['bf16/fp32']:.2f} "
-                  f"[{r['min']:.2f}, {r['max']:.2f}]", flush=True)
+        for row in ("clean step", "PGD step", "PGD-5 AT step", "TWINS-AT step"):
+            variants = {v: (attack_step(name, v, x, y) if row == "PGD step" else
+                            engine_step(name, METHOD_ROWS[row], extra, x, y)) for v, extra in VARIANTS.items()}
+            first = first_calls(variants)
+            res = interleaved(variants, args.repeats)
+            r = {"model": name, "row": row, "fp32_s": res["fp32"]["median_s"], "first_call_s": first}
+            for v in ("bf16", "compiled"):
+                r[v] = {k: res[v][k] for k in ("ratio", "ratio_min", "ratio_max")}
+            rows.append(r)
+            print(f"{name:16s} {row:14s} fp32 {r['fp32_s'] * 1e3:8.1f} ms  " + "  ".join(
+                f"{v}/fp32 {r[v]['ratio']:.2f} [{r[v]['ratio_min']:.2f}, {r[v]['ratio_max']:.2f}]"
+                for v in ("bf16", "compiled")), flush=True)
+        # the bound: one interleaved measurement of the AT step against the clean step, fp32 eager
+        pair = interleaved({"clean": engine_step(name, "standard", [], x, y),
+                            "at": engine_step(name, "pgd_at", [], x, y)}, args.repeats)
+        bound = (2 * K + 3) / 3
+        b = {"model": name, "k": K, "at/clean": pair["at"]["ratio"], "bound": bound,
+             "at/bound": pair["at"]["ratio"] / bound, "min": pair["at"]["ratio_min"] / bound,
+             "max": pair["at"]["ratio_max"] / bound}
+        bounds.append(b)
+        print(f"{name:16s} PGD-5 AT / ((2k+3)/3 x clean) {b['at/bound']:.2f} [{b['min']:.2f}, {b['max']:.2f}]",
+              flush=True)
     out = Path(__file__).resolve().parent / "results" / "precision.json"
     out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "machine": platform.processor()
                                or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
                                "batch": args.batch, "repeats": args.repeats, "torch": torch.__version__,
-                               "rows": rows}, indent=1) + "\n")
+                               "rows": rows, "bound": bounds}, indent=1) + "\n")
     print(f"-> {out}")
 
 

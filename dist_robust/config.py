@@ -23,7 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .attacks.fused import COMPILE_MODES
 from .attacks.names import parse_attack
-from .attacks.pgd import LOSSES, NORMS, PRECISIONS
+from .attacks.pgd import LOSSES, NORMS
 from .data import DATASETS
 from .data.ffcv import FORMATS
 from .data.select import LOADERS
@@ -31,7 +31,7 @@ from .methods import METHODS, MODULE_SELECTORS, STAGE_KINDS, MethodConfig, Stage
 from .models import MODELS
 from .models.partial import BN_POLICIES, TRAINABLE
 from .schedules import DECAY_SHAPES, SCHEDULES
-from .utils import ConfigError, check
+from .utils import PRECISIONS, ConfigError, check
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -183,6 +183,11 @@ class TrainConfig:
     checkpoint_every: int = 0           # also checkpoint every N iterations inside an epoch (0: epoch ends only);
                                         # a killed run resumes from there, bitwise as if never stopped
     threads: Optional[int] = None       # torch threads per rank (None: cores / local ranks)
+    precision: str = "fp32"             # training forward and loss: fp32 | bf16 | fp16 (autocast; weights,
+                                        # optimizer state and BN statistics stay fp32; fp16 scales the loss)
+    loss_scale: float = 65536.0         # fp16: the loss scaler's first scale (halved at each overflow)
+    channels_last: bool = False         # the trained model and its batches in channels_last memory format
+    compile: bool = False               # torch.compile the training forward (under DDP: the wrapped model)
 
     def check(self) -> None:
         check(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
@@ -191,6 +196,8 @@ class TrainConfig:
         check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
               "must be >= 0 (0: epoch ends only)")
         check(self.threads is None or self.threads > 0, "train.threads", self.threads, "must be > 0")
+        _choice("train.precision", self.precision, PRECISIONS)
+        check(self.loss_scale > 0, "train.loss_scale", self.loss_scale, "must be > 0")
 
 
 @dataclass
@@ -460,6 +467,11 @@ def validate(cfg: Config, training: bool = True) -> None:
     check(m.tuned_bn != "dual" or method.uses_dual_bn, "model.tuned_bn", m.tuned_bn,
           f"dual (two BN wings) goes with the methods that train them "
           f"({', '.join(n for n, c in METHODS.items() if c.uses_dual_bn)}), and only with them")
+    check(cfg.train.precision != "fp16" or cfg.dist.engine != "deepspeed", "train.precision", "fp16",
+          "with dist.engine=deepspeed only fp32 or bf16 (its fp16 loss scale would not be checkpointed); "
+          "fp16 runs with dist.engine=ddp")
+    check(not cfg.train.compile or cfg.dist.engine == "ddp", "train.compile", True,
+          "compiles the DDP engine's forward; with dist.engine=deepspeed leave it false")
     _split("eval.split", cfg.eval.split, cfg.data)
     cfg.method.check(cfg, training)
     cfg.stage.check(cfg, training)

@@ -119,7 +119,9 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under a DDP (or similar) wrapper: attacks and checkpoints use it."""
+    """The plain module under torch.compile's and DDP's (or DeepSpeed's) wrappers: attacks and checkpoints
+    use it."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return getattr(model, "module", model)
 
 

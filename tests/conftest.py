@@ -134,6 +134,40 @@ def save_shard_gradients(model, x, y, method, rank, world, out_dir):
         torch.save({k: p.grad for k, p in model.named_parameters()}, f"{out_dir}/grads.pt")
 
 
+# The reference recipe again in other precisions and forms (tests/test_precision.py), one process group
+# for all of them; the DeepSpeed tests compare their bf16 run with the bf16 case.
+PRECISION_CASES = {
+    "bf16": ["train.precision=bf16", "attack.precision=bf16"],
+    "compiled": ["train.compile=true", "train.channels_last=true"],
+    # fp16's first scale is far too large on purpose: the first steps overflow and must be skipped. (fp16
+    # is emulated on this CPU, 7x slower than fp32: fewer images.)
+    "fp16": ["train.precision=fp16", f"train.loss_scale={2.0 ** 20}", "data.subset=640"],
+}
+QUIET = ["eval.at_end=false", "train.checkpoint_every=0"]  # numbers unchanged; epoch checkpoints only
+
+
+def _precision_case(rank, world, out_dir, name, extra):
+    from dist_robust import dist as ddist
+    from dist_robust.config import load_config
+    from dist_robust.engine import train as engine
+    ddist.setup_logging(rank == 0)
+    cfg = load_config(QUICKSTART, [*REFERENCE, f"run.out_dir={out_dir}", f"run.name={name}", *QUIET, *extra])
+    run = engine.setup(cfg, torch.device("cpu"))
+    for epoch in range(cfg.train.epochs):
+        engine.train_one_epoch(run, epoch)
+    # parameters only: each rank's BN running statistics are its own until the export (engine/train.py)
+    torch.save({k: v.clone() for k, v in run.model.named_parameters()}, f"{out_dir}/{name}.rank{rank}.pt")
+
+
+@pytest.fixture(scope="session")
+def precision_runs(tmp_path_factory) -> tuple[Path, dict]:
+    """(folder, case -> the ranks' outcomes): each case's run folder and each rank's final parameters
+    (``<case>.rank<r>.pt``) in that folder."""
+    out = tmp_path_factory.mktemp("precision")
+    return out, run_cases(_precision_case, 2, {name: (str(out), name, extra)
+                                               for name, extra in PRECISION_CASES.items()}, out)
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

@@ -66,6 +66,11 @@ MISTAKES = [
     (["train", RECIPE, "train.checkpoint_every=-5"], {}, "train.checkpoint_every=-5"),
     (["train", RECIPE, "dist.engine=horovod"], {}, "dist.engine='horovod'"),
     (["train", RECIPE, "dist.engine=deepspeed", "dist.zero_stage=3"], {}, "dist.zero_stage=3"),     # not supported
+    (["train", RECIPE, "train.precision=fp8"], {}, "train.precision='fp8'"),
+    (["train", RECIPE, "dist.engine=deepspeed", "train.precision=fp16"], {}, "fp16 runs with dist.engine=ddp"),
+    (["train", RECIPE, "dist.engine=deepspeed", "train.compile=true"], {}, "train.compile=True"),
+    (["train", RECIPE, "method.name=adv_ss_ensemble", "eval.at_end=false", "train.precision=bf16"], {},
+     "log-det penalty"),
     (["train", "{tmp}/no_such_recipe.yaml"], {}, "no_such_recipe.yaml"),
     (["eval", "--checkpoint", "{c100}", "--dataset", "mnist"], {}, "--dataset=mnist: 10 classes"),
     (["eval", "--checkpoint", "{tmp}/nothing_here", "--dataset", "mnist"], {}, "nothing_here"),

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import conftest
 from safetensors.torch import load_file
 
-from conftest import ENV, QUICKSTART, REFERENCE, ROOT, torchrun_cmd, train_reference
+from conftest import ENV, QUICKSTART, QUIET, REFERENCE, ROOT, torchrun_cmd, train_reference
 
 pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
-
-QUIET = ["eval.at_end=false", "train.checkpoint_every=0"]  # numbers unchanged; epoch checkpoints only
 
 
 def _train(tmp_path, name, *extra, launcher="torchrun"):
@@ -93,6 +93,22 @@ def test_deepspeed_ends_where_ddp_ends(runs, stage):
     m_ddp, m_ds = _momentum(runs["ddp"], 2), _momentum(runs[stage], 2)
     assert m_ddp and all(v.abs().sum() > 0 for v in m_ddp.values())
     _close(m_ddp, m_ds, f"{stage} momentum")
+
+
+def test_zero2_in_bf16_ends_where_ddp_in_bf16_ends(precision_runs, tmp_path):
+    """bf16 under ZeRO-2 trains the same parameters bitwise as DDP's bf16 run (weights, gradient reduction
+    and BN statistics in fp32 under both). On CUDA DeepSpeed switches an outer autocast off inside its
+    forward unless its own torch_autocast section asks for it: the run's DeepSpeed config does."""
+    from dist_robust.config import load_config
+    from dist_robust.engine.deepspeed import ds_config
+    section = ds_config(load_config(QUICKSTART, conftest.PRECISION_CASES["bf16"]), 32)["torch_autocast"]
+    assert section == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    out, outcomes = precision_runs
+    assert outcomes["bf16"] == ["ok", "ok"], outcomes["bf16"]
+    run = _train(tmp_path, "zero2_bf16", "dist.engine=deepspeed", "dist.zero_stage=2",
+                 *conftest.PRECISION_CASES["bf16"])
+    ddp, ds = torch.load(out / "bf16.rank0.pt"), load_file(run / "model.safetensors")
+    assert all(torch.equal(ddp[k], ds[k]) for k in ddp)
 
 
 # Every method of the project, two steps each, as the stages of one recipe: one launch per engine.

@@ -12,11 +12,10 @@ so a new shape compiles anew instead.
 from __future__ import annotations
 
 import weakref
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
+from ..utils import autocast
 from .steps import ascend, attack_loss
 
 # compile=auto: measured by bench/attacks.py (see the README). On the 2-core CPU here the fused step ran
@@ -28,16 +27,10 @@ COMPILE_AUTO = {"cuda": True, "cpu": False}
 _compiled: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def _autocast(precision: str, device_type: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def _raw_step(net, loss, norm, targeted, kappa, precision):
     def step(x, delta, y, clean_lp, eps: float, alpha: float):
         def total(d):
-            with _autocast(precision, x.device.type):
+            with autocast(precision, x.device.type):
                 value = attack_loss(loss, net, x + d, y, targeted, clean_lp, kappa)
             return value.float().sum()
         grad = torch.func.grad(total)(delta)
@@ -48,7 +41,7 @@ def _raw_step(net, loss, norm, targeted, kappa, precision):
 def eager_step(net, loss, norm, targeted, kappa, precision):
     def step(x, delta, y, clean_lp, eps: float, alpha: float):
         delta = delta.detach().requires_grad_(True)
-        with _autocast(precision, x.device.type):
+        with autocast(precision, x.device.type):
             value = attack_loss(loss, net, x + delta, y, targeted, clean_lp, kappa)
         (grad,) = torch.autograd.grad(value.float().sum(), delta)
         with torch.no_grad():

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dist import unwrap
+from ..utils import PRECISIONS, autocast
 from .fused import make_step
 from .steps import LOSSES, LossFn, ascend, attack_loss, cw_margin, random_start  # noqa: F401 (re-exported)
 
 NORMS = ("Linf", "L2")
-PRECISIONS = ("fp32", "bf16", "fp16")  # autocast of the attack's steps (fp16 on CUDA only)
 
 
 # ---------------------------------------------------------------- attack mode
@@ -85,7 +85,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
     x = x.detach()
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    with attack_mode(model, bn_mode, bn_branch) as net:
+    # autocast off around the whole attack (a bf16 training forward must not turn an fp32 attack into a
+    # bf16 one); the steps switch it back on for their own forward when ``precision`` asks for it
+    with attack_mode(model, bn_mode, bn_branch) as net, autocast("fp32", x.device.type):
         clean_lp = None
         if loss == "kl":
             with torch.no_grad():

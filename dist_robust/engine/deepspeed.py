@@ -4,8 +4,9 @@ The loop needs three things from an engine: a training forward that synchronises
 optimizer step, and the optimizer's state in the project's checkpoint format. Here:
 
 - The model is wrapped by ``deepspeed.initialize`` with our own torch SGD as the client optimizer
-  (ZeRO stage ``dist.zero_stage``, fp32: bf16 with BatchNorm fails on DeepSpeed's CPU accelerator).
-  Attacks keep running on the unwrapped module (``engine.module``), as under DDP.
+  (ZeRO stage ``dist.zero_stage``). train.precision=bf16 goes through DeepSpeed's ``torch_autocast``
+  section, not its ``bf16`` one (which casts the weights and BN statistics, and fails with BatchNorm on
+  its CPU accelerator); fp16 is refused (config.py). Attacks keep running on the unwrapped module (``engine.module``), as under DDP.
 - DDP copies rank 0's buffers (BN running statistics) to every rank at each training forward
   (broadcast_buffers); DeepSpeed does not. A forward pre-hook does the same here, so the attacks,
   which read the running statistics, see what they see under DDP and both engines train alike.
@@ -38,8 +39,14 @@ def ds_config(cfg, per_rank_batch: int) -> dict:
         # client optimizer (so no "optimizer" section, and "torch_adam", which only steers DeepSpeed's own
         # Adam away from its CPU extension, has nothing to apply to).
         "zero_allow_untested_optimizer": True,
+        # train.precision: torch autocast inside DeepSpeed's forward (its own "bf16"/"fp16" sections would
+        # cast the weights and BN statistics too, and fail with BN on its CPU accelerator). Gradients are
+        # still reduced in fp32 (no module is declared safe to communicate in the lower precision).
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": cfg.train.precision != "fp32",
+                           "dtype": "bfloat16" if cfg.train.precision == "bf16" else "float16",
+                           "lower_precision_safe_modules": []},
         "gradient_clipping": 0.0,
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own step lines would repeat it
         "wall_clock_breakdown": False,
@@ -103,6 +110,7 @@ class DeepSpeedTrainer:
         if dist.world_size() > 1:
             self.model.register_forward_pre_hook(_broadcast_buffers_hook)
         self.optimizer = opt if cfg.dist.zero_stage == 0 else ZeroSGDState(ds_opt, params)
+        self.scaler = None  # fp16 is refused with DeepSpeed (config.py): its loss scale is not checkpointed
 
     def step(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)

@@ -27,9 +27,9 @@ from ..models.partial import configure_finetuning
 from ..models.sync_bn import convert_sync_bn
 from ..report import JsonlLog
 from ..schedules import lr_at
-from ..utils import atomic_write
+from ..utils import atomic_write, autocast
 from ..checkpoint import (CheckpointError, last_good, load_checkpoint, load_optimizer,
-                         load_rank_buffers, remove_step_checkpoints, rng_state,
+                         load_rank_buffers, read_sidecar, remove_step_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from ..evaluate import evaluate_run
 from ..report import progress
@@ -98,20 +98,50 @@ def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
 
 
 class DDPTrainer:
-    """The DDP engine: ``model`` (the training forward, which synchronises gradients), ``optimizer`` and
-    ``step(loss)``; engine/deepspeed.py has the same three for DeepSpeed."""
+    """The DDP engine: ``model`` (the training forward, which synchronises gradients), ``optimizer``,
+    ``step(loss)`` and ``scaler`` (fp16's loss scaler, else None); engine/deepspeed.py has the same for
+    DeepSpeed."""
 
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device):
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, train_cfg):
         # Gradients as views of DDP's buckets save a copy per step (and avoid its stride warning on
         # 1-channel convs).
         self.model = model if dist.world_size() == 1 else DDP(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         self.optimizer = opt
+        self.scaler = LossScaler(device, train_cfg.loss_scale) if train_cfg.precision == "fp16" else None
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.step(loss, self.optimizer)
+
+
+class LossScaler:
+    """fp16's dynamic loss scale (torch.amp.GradScaler) and the count of the steps it skipped. A step
+    whose scaled gradients overflow is skipped and the scale halved; every rank skips the same steps,
+    since DDP gives every rank the same gradients. ``state`` goes into each checkpoint's sidecar."""
+
+    def __init__(self, device: torch.device, init_scale: float):
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale)
+        self.skipped = 0
+
+    def step(self, loss: torch.Tensor, optimizer) -> None:
+        self.scaler.scale(loss).backward()
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)  # skips optimizer.step() when a gradient is inf or NaN
+        self.scaler.update()
+        self.skipped += self.scaler.get_scale() < scale  # the scale only falls on an overflow
+
+    def state(self) -> dict:
+        return dict(self.scaler.state_dict(), skipped=self.skipped)
+
+    def load(self, state: dict) -> None:
+        state = dict(state)
+        self.skipped = state.pop("skipped")
+        self.scaler.load_state_dict(state)
 
 
 def _resume(sidecar: Path, model, steps_per_epoch: int) -> tuple[int, int, int, list | None, dict]:
@@ -181,6 +211,8 @@ class Run:
         world = dist.world_size()
         buffers = dist.all_gather_objects({k: v.cpu() for k, v in self.model.named_buffers()}) if world > 1 else None
         opt_state = self.trainer.optimizer.state_dict()  # ZeRO: assembled from every rank's partition
+        if self.trainer.scaler is not None:
+            meta["scaler"] = self.trainer.scaler.state()
         if dist.is_main():
             save_checkpoint(self.folder / "checkpoints", stem, self.model.state_dict(),
                             dict(config=self.cfg.to_dict(), rng=rngs, **meta), optimizer_state=opt_state,
@@ -195,6 +227,8 @@ def setup(cfg: Config, device: torch.device) -> Run:
     train_set, model = build(cfg, device)
     method = build_method(cfg)
     model = training_form(cfg, model, method, device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay, nesterov=o.nesterov)
@@ -219,9 +253,14 @@ def setup(cfg: Config, device: torch.device) -> Run:
         from .deepspeed import DeepSpeedTrainer
         trainer = DeepSpeedTrainer(model, opt, cfg, cfg.data.batch_size // world)
     else:
-        trainer = DDPTrainer(model, opt, device)
+        trainer = DDPTrainer(model, opt, device, cfg.train)
+        if cfg.train.compile:  # the wrapper compiled, as torch's DDP notes advise; attacks stay on `model`
+            trainer.model = torch.compile(trainer.model)
     if sidecar:  # the engine holds the optimizer's state now (ZeRO: partitioned over the ranks)
         load_optimizer(sidecar, trainer.optimizer)
+        scaler_state = read_sidecar(sidecar).get("scaler")
+        if trainer.scaler is not None and scaler_state is not None:  # else a fresh scale (an fp32/bf16 checkpoint)
+            trainer.scaler.load(scaler_state)
     with torch.no_grad():  # after the wrapper's construction, which copies rank 0's buffers to every rank
         for name, buf in model.named_buffers():
             if name in own_buffers:
@@ -247,7 +286,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         lr = lr_at(run.step, steps_per_epoch, cfg.optim, epochs)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, metrics = run.method.loss(run.trainer.model, x, y)
+        if cfg.train.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg.train.precision, x.device.type):  # fp32: off (attacks set their own precision)
+            loss, metrics = run.method.loss(run.trainer.model, x, y)
         bad = nonfinite_ranks(loss)
         if bad:
             raise FloatingPointError(f"non-finite loss at step {run.step + 1} (epoch {epoch + 1}) on rank(s) "
@@ -265,6 +307,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
                      totals=dist.all_gather_objects({k: float(v) for k, v in totals.items()}))
     seconds = time.perf_counter() - t0
     summary = epoch_summary(totals, seconds, epoch=epoch + 1, step=run.step, lr=lr)
+    if run.trainer.scaler is not None:  # the same on every rank: not reduced
+        summary.update(skipped_steps=run.trainer.scaler.skipped, loss_scale=run.trainer.scaler.scaler.get_scale())
     run.journal.write(kind="epoch", **summary)
     extra = "".join(f"  {k} {summary[k]:.4g}" for k in summary if k not in EPOCH_KEYS)
     log.info("epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", epoch + 1, epochs,

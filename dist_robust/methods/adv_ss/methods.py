@@ -74,6 +74,8 @@ class AdvSSEnsembleConfig(AdvSSConfig):
         # the joint attack and the penalty differentiate through input gradients
         check(a.restarts == 1, "attack.restarts", a.restarts, "the ensemble's joint attack takes one start")
         check(a.precision == "fp32", "attack.precision", a.precision, "the ensemble's log-det runs in fp32")
+        check(cfg.train.precision == "fp32", "train.precision", cfg.train.precision,
+              "the ensemble's log-det penalty is in its training loss and runs in fp32")
         check(not cfg.model.sync_bn, "model.sync_bn", cfg.model.sync_bn,
               "the ensemble's double backward is not supported through synchronised BN")
 
