@@ -84,6 +84,21 @@ def test_bf16_attack_on_the_cpu_stays_in_bounds_and_is_as_strong(trained, norm, 
         pgd(model, x[:2], y[:2], eps, 1, norm=norm, precision="fp16")
 
 
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_an_attack_inside_a_bf16_training_forward_keeps_its_own_precision(trained, loss):
+    """train.precision=bf16 wraps the method's loss, attack included, in bf16 autocast: an fp32 attack
+    there gives bitwise what it gives outside, and a bf16 one what a bf16 one gives outside."""
+    model, test = trained
+    x, y = _batch(test, 32)
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        outside = pgd(model, x, y, 0.1, 3, loss=loss, precision=precision)
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = pgd(model, x, y, 0.1, 3, loss=loss, precision=precision)
+        assert torch.equal(inside, outside), precision
+
+
 def test_targeted_attack_reaches_its_targets(trained):
     model, test = trained
     x, y = _batch(test, 64)
