@@ -1,4 +1,4 @@
-# make install | demo | test | bench | results     (a fresh Debian machine with Python 3.11 needs nothing else)
+# make install | demo | test | bench | gpu-check | results     (a fresh Debian machine with Python 3.11 needs nothing else)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 NPROC ?= 2
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dist_robust train
 
-.PHONY: install demo test test-fast bench results clean
+.PHONY: install demo test test-fast bench gpu-check results clean
 
 install: $(STAMP) $(FASHION)
 
@@ -64,9 +64,14 @@ test-fast: install
 	$(PY) -m pytest -q -m "not multiproc and not slow" tests
 
 bench: install
-	$(PY) bench/train_step.py
+	$(PY) bench/precision.py
 	$(PY) bench/attacks.py
 	$(PY) bench/autoattack.py
+
+# The GPU acceptance run (scripts/gpu_check.py): every CUDA path, in about 8 minutes on one GPU;
+# writes bench/results/gpu.json. Exits 1 with one line where there is no CUDA device.
+gpu-check: install
+	$(PY) scripts/gpu_check.py
 
 # The fine-tuning comparison (configs/finetune/): 2 pairs x 9 methods x 2 seeds on 2 ranks, with
 # AutoAttack on 100 points per run; resumable. Writes results/finetune.{md,json}.

@@ -44,23 +44,26 @@ METHOD_ROWS = {"clean step": "standard", "PGD-5 AT step": "pgd_at", "TWINS-AT st
 VARIANTS = {"fp32": [], "bf16": ["train.precision=bf16", "attack.precision=bf16"], "compiled": ["train.compile=true"]}
 
 
-def engine_step(model_name: str, method: str, overrides: list, x, y):
+def engine_step(model_name: str, method: str, overrides: list, x, y, device: str = "cpu"):
     """One training step of ``method`` as train_one_epoch takes it (on one rank: no DDP wrapper)."""
     cfg = load_config(None, [f"model.name={model_name}", f"method.name={method}", f"attack.eps={EPS}",
                              f"attack.steps={K}", "attack.compile=off", *overrides], training=False)
     torch.manual_seed(0)
     m = build_method(cfg)
-    model = training_form(cfg, build_model(model_name, 3, 10, [0.5] * 3, [0.25] * 3), m, torch.device("cpu"))
+    c = x.shape[1]
+    model = training_form(cfg, build_model(model_name, c, 10, [0.5] * c, [0.25] * c), m, torch.device(device))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
-    trainer = DDPTrainer(model, opt, torch.device("cpu"), cfg.train)
+    trainer = DDPTrainer(model, opt, torch.device(device), cfg.train)
     if cfg.train.compile:
         trainer.model = torch.compile(trainer.model)
 
     def step():
         model.train()
-        with autocast(cfg.train.precision, "cpu"):
+        with autocast(cfg.train.precision, x.device.type):
             loss, _ = m.loss(trainer.model, x, y)
         trainer.step(loss)
+        if x.is_cuda:  # the time of the work, not of its launch
+            torch.cuda.synchronize()
     return step
 
 
