@@ -11,8 +11,9 @@ DDP engine's step on one rank):
   PGD step        one step of pgd() (forward + input-gradient backward), the attack alone
   PGD-5 AT step   method pgd_at, attack.steps=5
   TWINS-AT step   method twins_at, attack.steps=5 (two BN wings)
-Variants: fp32 (eager, the reference), bf16 (train.precision and attack.precision bf16) and compiled
-(train.compile, the training forward; the PGD step row compiles the fused attack step instead).
+Variants: fp32 (eager, the reference), bf16 (train.precision and attack.precision bf16), compiled
+(train.compile, the training forward; the PGD step row compiles the fused attack step instead) and
+channels_last (train.channels_last and attack.channels_last).
 Also the PGD-5 AT step against the (2k+3)/3 bound: AT step / (13/3 x clean step), fp32 eager, from the
 ratios of one interleaved measurement of the two. Writes bench/results/precision.json.
 """
@@ -41,7 +42,8 @@ from dist_robust.utils import autocast  # noqa: E402
 MODELS = ("cnn3", "resnet_small", "preact_resnet18")
 EPS, K = 8 / 255, 5
 METHOD_ROWS = {"clean step": "standard", "PGD-5 AT step": "pgd_at", "TWINS-AT step": "twins_at"}
-VARIANTS = {"fp32": [], "bf16": ["train.precision=bf16", "attack.precision=bf16"], "compiled": ["train.compile=true"]}
+VARIANTS = {"fp32": [], "bf16": ["train.precision=bf16", "attack.precision=bf16"], "compiled": ["train.compile=true"],
+            "channels_last": ["train.channels_last=true", "attack.channels_last=true"]}
 
 
 def engine_step(model_name: str, method: str, overrides: list, x, y, device: str = "cpu"):
@@ -52,6 +54,9 @@ def engine_step(model_name: str, method: str, overrides: list, x, y, device: str
     m = build_method(cfg)
     c = x.shape[1]
     model = training_form(cfg, build_model(model_name, c, 10, [0.5] * c, [0.25] * c), m, torch.device(device))
+    if cfg.train.channels_last:  # as engine.setup and train_one_epoch do
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
     trainer = DDPTrainer(model, opt, torch.device(device), cfg.train)
     if cfg.train.compile:
@@ -70,8 +75,10 @@ def engine_step(model_name: str, method: str, overrides: list, x, y, device: str
 def attack_step(model_name: str, variant: str, x, y):
     torch.manual_seed(0)
     model = build_model(model_name, 3, 10, [0.5] * 3, [0.25] * 3).eval()
-    precision = "bf16" if variant == "bf16" else "fp32"
-    return lambda: pgd(model, x, y, EPS, 1, precision=precision, compile="on" if variant == "compiled" else "off")
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    return lambda: pgd(model, x, y, EPS, 1, precision="bf16" if variant == "bf16" else "fp32",
+                       compile="on" if variant == "compiled" else "off", channels_last=variant == "channels_last")
 
 
 def first_calls(variants: dict) -> dict:
@@ -100,14 +107,14 @@ def main() -> None:
             variants = {v: (attack_step(name, v, x, y) if row == "PGD step" else
                             engine_step(name, METHOD_ROWS[row], extra, x, y)) for v, extra in VARIANTS.items()}
             first = first_calls(variants)
-            res = interleaved(variants, args.repeats)
+            res = interleaved(variants, args.repeats, warmup=1)  # after first_calls: compiled, warm
             r = {"model": name, "row": row, "fp32_s": res["fp32"]["median_s"], "first_call_s": first}
-            for v in ("bf16", "compiled"):
+            for v in list(VARIANTS)[1:]:
                 r[v] = {k: res[v][k] for k in ("ratio", "ratio_min", "ratio_max")}
             rows.append(r)
             print(f"{name:16s} {row:14s} fp32 {r['fp32_s'] * 1e3:8.1f} ms  " + "  ".join(
                 f"{v}/fp32 {r[v]['ratio']:.2f} [{r[v]['ratio_min']:.2f}, {r[v]['ratio_max']:.2f}]"
-                for v in ("bf16", "compiled")), flush=True)
+                for v in list(VARIANTS)[1:]), flush=True)
         # the bound: one interleaved measurement of the AT step against the clean step, fp32 eager
         pair = interleaved({"clean": engine_step(name, "standard", [], x, y),
                             "at": engine_step(name, "pgd_at", [], x, y)}, args.repeats)
@@ -118,11 +125,19 @@ def main() -> None:
         bounds.append(b)
         print(f"{name:16s} PGD-5 AT / ((2k+3)/3 x clean) {b['at/bound']:.2f} [{b['min']:.2f}, {b['max']:.2f}]",
               flush=True)
+    # rows of models measured by an earlier call (--models) are kept, each with its own command
     out = Path(__file__).resolve().parent / "results" / "precision.json"
-    out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "machine": platform.processor()
-                               or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
-                               "batch": args.batch, "repeats": args.repeats, "torch": torch.__version__,
-                               "rows": rows, "bound": bounds}, indent=1) + "\n")
+    here = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": args.threads, "batch": args.batch, "repeats": args.repeats,
+            "torch": torch.__version__}
+    rows = [dict(r, **here) for r in rows]
+    bounds = [dict(b, **here) for b in bounds]
+    if out.is_file():
+        old = json.loads(out.read_text())
+        models = set(args.models.split(","))
+        rows = [r for r in old.get("rows", []) if r["model"] not in models and "command" in r] + rows
+        bounds = [b for b in old.get("bound", []) if b["model"] not in models and "command" in b] + bounds
+    out.write_text(json.dumps({"rows": rows, "bound": bounds}, indent=1) + "\n")
     print(f"-> {out}")
 
 

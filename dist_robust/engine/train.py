@@ -125,23 +125,27 @@ class LossScaler:
     since DDP gives every rank the same gradients. ``state`` goes into each checkpoint's sidecar."""
 
     def __init__(self, device: torch.device, init_scale: float):
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale)
+        self.grad_scaler = torch.amp.GradScaler(device.type, init_scale=init_scale)
         self.skipped = 0
 
     def step(self, loss: torch.Tensor, optimizer) -> None:
-        self.scaler.scale(loss).backward()
-        scale = self.scaler.get_scale()
-        self.scaler.step(optimizer)  # skips optimizer.step() when a gradient is inf or NaN
-        self.scaler.update()
-        self.skipped += self.scaler.get_scale() < scale  # the scale only falls on an overflow
+        self.grad_scaler.scale(loss).backward()
+        scale = self.scale
+        self.grad_scaler.step(optimizer)  # skips optimizer.step() when a gradient is inf or NaN
+        self.grad_scaler.update()
+        self.skipped += self.scale < scale  # the scale only falls on an overflow
+
+    @property
+    def scale(self) -> float:
+        return self.grad_scaler.get_scale()
 
     def state(self) -> dict:
-        return dict(self.scaler.state_dict(), skipped=self.skipped)
+        return dict(self.grad_scaler.state_dict(), skipped=self.skipped)
 
     def load(self, state: dict) -> None:
         state = dict(state)
         self.skipped = state.pop("skipped")
-        self.scaler.load_state_dict(state)
+        self.grad_scaler.load_state_dict(state)
 
 
 def _resume(sidecar: Path, model, steps_per_epoch: int) -> tuple[int, int, int, list | None, dict]:
@@ -308,7 +312,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     seconds = time.perf_counter() - t0
     summary = epoch_summary(totals, seconds, epoch=epoch + 1, step=run.step, lr=lr)
     if run.trainer.scaler is not None:  # the same on every rank: not reduced
-        summary.update(skipped_steps=run.trainer.scaler.skipped, loss_scale=run.trainer.scaler.scaler.get_scale())
+        summary.update(skipped_steps=run.trainer.scaler.skipped, loss_scale=run.trainer.scaler.scale)
     run.journal.write(kind="epoch", **summary)
     extra = "".join(f"  {k} {summary[k]:.4g}" for k in summary if k not in EPOCH_KEYS)
     log.info("epoch %d/%d  loss %.4f  train acc %.4f%s  %.0f img/s  %.1fs", epoch + 1, epochs,
