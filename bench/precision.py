@@ -3,6 +3,7 @@ C ..., same batch, same process, warm-up and compilation excluded): the median o
 fp32 eager, and their spread.
 
     .venv/bin/python bench/precision.py [--repeats 10] [--batch 128] [--threads 2] [--models cnn3,...]
+        [--rows 'clean step,PGD-5 AT / bound,...']
 
 Rows, for cnn3, resnet_small and preact_resnet18 on 3x32x32 inputs (timing only, so random images),
 each step built as the engine builds it (the method's loss under train.precision's autocast, the
@@ -15,7 +16,8 @@ Variants: fp32 (eager, the reference), bf16 (train.precision and attack.precisio
 (train.compile, the training forward; the PGD step row compiles the fused attack step instead) and
 channels_last (train.channels_last and attack.channels_last).
 Also the PGD-5 AT step against the (2k+3)/3 bound: AT step / (13/3 x clean step), fp32 eager, from the
-ratios of one interleaved measurement of the two. Writes bench/results/precision.json.
+ratios of one interleaved measurement of the two; and PGD-10 in fp32 and bf16 against torchattacks'
+fp32 PGD-10. ``--rows`` picks rows; bench/results/precision.json keeps the rows of earlier calls.
 """
 from __future__ import annotations
 
@@ -91,53 +93,86 @@ def first_calls(variants: dict) -> dict:
     return out
 
 
+def variant_rows(name: str, row: str, x, y, repeats: int) -> dict:
+    """One row of the table: its fp32 eager step against each other variant."""
+    variants = {v: (attack_step(name, v, x, y) if row == "PGD step" else
+                    engine_step(name, METHOD_ROWS[row], extra, x, y)) for v, extra in VARIANTS.items()}
+    first = first_calls(variants)
+    res = interleaved(variants, repeats, warmup=1)  # after first_calls: compiled, warm
+    r = {"fp32_s": res["fp32"]["median_s"], "first_call_s": first}
+    for v in list(VARIANTS)[1:]:
+        r[v] = {k: res[v][k] for k in ("ratio", "ratio_min", "ratio_max")}
+    print(f"{name:16s} {row:14s} fp32 {r['fp32_s'] * 1e3:8.1f} ms  " + "  ".join(
+        f"{v}/fp32 {r[v]['ratio']:.2f} [{r[v]['ratio_min']:.2f}, {r[v]['ratio_max']:.2f}]"
+        for v in list(VARIANTS)[1:]), flush=True)
+    return r
+
+
+def bound_row(name: str, x, y, repeats: int) -> dict:
+    """The PGD-5 AT step against (2k+3)/3 clean steps, fp32 eager, from one interleaved measurement."""
+    pair = interleaved({"clean": engine_step(name, "standard", [], x, y),
+                        "at": engine_step(name, "pgd_at", [], x, y)}, repeats)
+    bound = (2 * K + 3) / 3
+    r = {"k": K, "at/clean": pair["at"]["ratio"], "bound": bound, "at/bound": pair["at"]["ratio"] / bound,
+         "min": pair["at"]["ratio_min"] / bound, "max": pair["at"]["ratio_max"] / bound}
+    print(f"{name:16s} PGD-5 AT / ((2k+3)/3 x clean) {r['at/bound']:.2f} [{r['min']:.2f}, {r['max']:.2f}]",
+          flush=True)
+    return r
+
+
+def torchattacks_row(name: str, x, y, repeats: int) -> dict:
+    """PGD-10 (eps 8/255, step 2/255, random start): our eager fp32 and bf16 against torchattacks' fp32,
+    with the points each leaves robust (a random model: the counts compare the attacks, nothing more)."""
+    import torchattacks
+    torch.manual_seed(0)
+    model = build_model(name, 3, 10, [0.5] * 3, [0.25] * 3).eval()
+    ref = torchattacks.PGD(model, eps=EPS, alpha=2 / 255, steps=10, random_start=True)
+    ours = {p: (lambda p=p: pgd(model, x, y, EPS, 10, step_size=2 / 255, precision=p)) for p in ("fp32", "bf16")}
+    res = interleaved({"torchattacks": lambda: ref(x, y), **ours}, repeats, warmup=1)
+    r = {"torchattacks_s": res["torchattacks"]["median_s"]}
+    for p, fn in [("torchattacks", lambda: ref(x, y)), *ours.items()]:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            r[f"robust_{p}"] = int((model(fn()).argmax(1) == y).sum())
+        if p != "torchattacks":
+            r[p] = {k: res[p][k] for k in ("ratio", "ratio_min", "ratio_max")}
+    print(f"{name:16s} PGD-10 / torchattacks: fp32 {r['fp32']['ratio']:.2f}, bf16 {r['bf16']['ratio']:.2f}; robust "
+          f"{r['robust_torchattacks']} / {r['robust_fp32']} / {r['robust_bf16']} of {len(y)}", flush=True)
+    return r
+
+
+ROWS = ("clean step", "PGD step", "PGD-5 AT step", "TWINS-AT step", "PGD-5 AT / bound", "PGD-10 / torchattacks")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated, of: " + ", ".join(ROWS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows, bounds = [], []
-    for name in args.models.split(","):
-        torch.manual_seed(0)
-        x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-        for row in ("clean step", "PGD step", "PGD-5 AT step", "TWINS-AT step"):
-            variants = {v: (attack_step(name, v, x, y) if row == "PGD step" else
-                            engine_step(name, METHOD_ROWS[row], extra, x, y)) for v, extra in VARIANTS.items()}
-            first = first_calls(variants)
-            res = interleaved(variants, args.repeats, warmup=1)  # after first_calls: compiled, warm
-            r = {"model": name, "row": row, "fp32_s": res["fp32"]["median_s"], "first_call_s": first}
-            for v in list(VARIANTS)[1:]:
-                r[v] = {k: res[v][k] for k in ("ratio", "ratio_min", "ratio_max")}
-            rows.append(r)
-            print(f"{name:16s} {row:14s} fp32 {r['fp32_s'] * 1e3:8.1f} ms  " + "  ".join(
-                f"{v}/fp32 {r[v]['ratio']:.2f} [{r[v]['ratio_min']:.2f}, {r[v]['ratio_max']:.2f}]"
-                for v in list(VARIANTS)[1:]), flush=True)
-        # the bound: one interleaved measurement of the AT step against the clean step, fp32 eager
-        pair = interleaved({"clean": engine_step(name, "standard", [], x, y),
-                            "at": engine_step(name, "pgd_at", [], x, y)}, args.repeats)
-        bound = (2 * K + 3) / 3
-        b = {"model": name, "k": K, "at/clean": pair["at"]["ratio"], "bound": bound,
-             "at/bound": pair["at"]["ratio"] / bound, "min": pair["at"]["ratio_min"] / bound,
-             "max": pair["at"]["ratio_max"] / bound}
-        bounds.append(b)
-        print(f"{name:16s} PGD-5 AT / ((2k+3)/3 x clean) {b['at/bound']:.2f} [{b['min']:.2f}, {b['max']:.2f}]",
-              flush=True)
-    # rows of models measured by an earlier call (--models) are kept, each with its own command
-    out = Path(__file__).resolve().parent / "results" / "precision.json"
     here = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": args.threads, "batch": args.batch, "repeats": args.repeats,
             "torch": torch.__version__}
-    rows = [dict(r, **here) for r in rows]
-    bounds = [dict(b, **here) for b in bounds]
-    if out.is_file():
-        old = json.loads(out.read_text())
-        models = set(args.models.split(","))
-        rows = [r for r in old.get("rows", []) if r["model"] not in models and "command" in r] + rows
-        bounds = [b for b in old.get("bound", []) if b["model"] not in models and "command" in b] + bounds
-    out.write_text(json.dumps({"rows": rows, "bound": bounds}, indent=1) + "\n")
+    rows = []
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+        for row in args.rows.split(","):
+            if row == "PGD-5 AT / bound":
+                r = bound_row(name, x, y, args.repeats)
+            elif row == "PGD-10 / torchattacks":
+                r = torchattacks_row(name, x, y, args.repeats)
+            else:
+                r = variant_rows(name, row, x, y, args.repeats)
+            rows.append({"model": name, "row": row, **r, **here})
+    # rows measured by an earlier call (other --models or --rows) are kept, each with its own command
+    out = Path(__file__).resolve().parent / "results" / "precision.json"
+    done = {(r["model"], r["row"]) for r in rows}
+    old = json.loads(out.read_text())["rows"] if out.is_file() else []
+    out.write_text(json.dumps({"rows": [r for r in old if (r["model"], r["row"]) not in done] + rows}, indent=1) + "\n")
     print(f"-> {out}")
 
 
