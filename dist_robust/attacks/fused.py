@@ -12,6 +12,7 @@ so a new shape compiles anew instead.
 from __future__ import annotations
 
 import weakref
+
 import torch
 from torch import nn
 

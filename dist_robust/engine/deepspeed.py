@@ -6,7 +6,8 @@ optimizer step, and the optimizer's state in the project's checkpoint format. He
 - The model is wrapped by ``deepspeed.initialize`` with our own torch SGD as the client optimizer
   (ZeRO stage ``dist.zero_stage``). train.precision=bf16 goes through DeepSpeed's ``torch_autocast``
   section, not its ``bf16`` one (which casts the weights and BN statistics, and fails with BatchNorm on
-  its CPU accelerator); fp16 is refused (config.py). Attacks keep running on the unwrapped module (``engine.module``), as under DDP.
+  its CPU accelerator); fp16 is refused (config.py). Attacks keep running on the unwrapped module
+  (``engine.module``), as under DDP.
 - DDP copies rank 0's buffers (BN running statistics) to every rank at each training forward
   (broadcast_buffers); DeepSpeed does not. A forward pre-hook does the same here, so the attacks,
   which read the running statistics, see what they see under DDP and both engines train alike.
