@@ -132,8 +132,9 @@ def torchattacks_row(name: str, x, y, repeats: int) -> dict:
     r = {"torchattacks_s": res["torchattacks"]["median_s"]}
     for p, fn in [("torchattacks", lambda: ref(x, y)), *ours.items()]:
         torch.manual_seed(1)
+        adv = fn()
         with torch.no_grad():
-            r[f"robust_{p}"] = int((model(fn()).argmax(1) == y).sum())
+            r[f"robust_{p}"] = int((model(adv).argmax(1) == y).sum())
         if p != "torchattacks":
             r[p] = {k: res[p][k] for k in ("ratio", "ratio_min", "ratio_max")}
     print(f"{name:16s} PGD-10 / torchattacks: fp32 {r['fp32']['ratio']:.2f}, bf16 {r['bf16']['ratio']:.2f}; robust "
