@@ -186,9 +186,12 @@ def main(argv=None) -> int:
             _run_eval(cfg, sidecar, out, device)
     except (CheckpointError, OSError, ValueError, FloatingPointError) as e:  # OSError: a full disk, say
         say(e)
-        return RUN_ERROR
-    finally:
         dist.cleanup()
+        return RUN_ERROR
+    except BaseException:
+        dist.cleanup()
+        raise
+    dist.cleanup(finished=True)
     return 0
 
 

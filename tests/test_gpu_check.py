@@ -28,6 +28,7 @@ def test_each_run_is_a_valid_recipe(name, tmp_path):
     assert cfg.run.device == "cuda"
 
 
+@pytest.mark.slow
 def test_the_ddp_check_and_the_throughput_rows_run_on_the_cpu():
     assert gpu_check.nccl_ddp_check(backend="gloo", device="cpu")["ok"]
     speed = gpu_check.throughput("cnn3", 32, 8, repeats=1, device="cpu")
