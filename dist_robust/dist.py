@@ -67,10 +67,10 @@ def init(env: DistEnv, device: torch.device, backend: str = "auto", timeout_s: i
 
 def cleanup(finished: bool = False) -> None:
     """Leave the process group. ``finished``: every rank got to the end of the run, so they leave it
-    together (a barrier first). A rank that destroyed its group while a peer was still writing the run's
-    last files was seen, about once in 17 two-rank runs, to abort at exit ("terminate called without an
-    active exception") after a successful run; leaving together is torch's documented shutdown. Garbage
-    that still holds the group (objects in reference cycles) is collected while the group is alive."""
+    together (a barrier first), as torch's shutdown notes advise; garbage that may still hold the group
+    (objects in reference cycles) is collected while it is alive. Before this, a rank of a successful
+    2-rank run was seen to abort at exit ("terminate called without an active exception"), rarely; its
+    cause is not known."""
     if not dist.is_initialized():
         return
     gc.collect()
