@@ -168,6 +168,31 @@ def precision_runs(tmp_path_factory) -> tuple[Path, dict]:
                                                for name, extra in PRECISION_CASES.items()}, out)
 
 
+class Stop(BaseException):
+    """Stands for the process dying: nothing in the engine catches it."""
+
+
+def die_at_step(monkeypatch, n: int) -> None:
+    """The n-th PGD-AT training loss raises Stop, as if the process died there (monkeypatch.undo revives it)."""
+    from dist_robust.methods.pgd_at import PGDAdversarialTraining as PGDAT
+    real, calls = PGDAT.loss, {"n": 0}
+
+    def dying(self, model, x, y):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Stop
+        return real(self, model, x, y)
+
+    monkeypatch.setattr(PGDAT, "loss", dying)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Two safetensors files hold the same tensors bitwise."""
+    from safetensors.torch import load_file
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

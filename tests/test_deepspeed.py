@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import conftest
 from safetensors.torch import load_file
 
-from conftest import ENV, QUICKSTART, QUIET, REFERENCE, ROOT, torchrun_cmd, train_reference
+from conftest import ENV, PRECISION_CASES, QUICKSTART, QUIET, REFERENCE, ROOT, torchrun_cmd, train_reference
 
 pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
 
@@ -101,12 +99,12 @@ def test_zero2_in_bf16_ends_where_ddp_in_bf16_ends(precision_runs, tmp_path):
     forward unless its own torch_autocast section asks for it: the run's DeepSpeed config does."""
     from dist_robust.config import load_config
     from dist_robust.engine.deepspeed import ds_config
-    section = ds_config(load_config(QUICKSTART, conftest.PRECISION_CASES["bf16"]), 32)["torch_autocast"]
+    section = ds_config(load_config(QUICKSTART, PRECISION_CASES["bf16"]), 32)["torch_autocast"]
     assert section == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     out, outcomes = precision_runs
     assert outcomes["bf16"] == ["ok", "ok"], outcomes["bf16"]
     run = _train(tmp_path, "zero2_bf16", "dist.engine=deepspeed", "dist.zero_stage=2",
-                 *conftest.PRECISION_CASES["bf16"])
+                 *PRECISION_CASES["bf16"])
     ddp, ds = torch.load(out / "bf16.rank0.pt"), load_file(run / "model.safetensors")
     assert all(torch.equal(ddp[k], ds[k]) for k in ddp)
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ENV, QUICKSTART, REFERENCE, ROOT, TINY, run_ranks, torchrun_cmd
+from conftest import ENV, QUICKSTART, REFERENCE, ROOT, TINY, Stop, die_at_step, run_ranks, same_weights, torchrun_cmd
 from dist_robust.cli import main
 from dist_robust.checkpoint import last_good, load_checkpoint
 
@@ -24,37 +23,14 @@ def _args(tmp_path, name, *extra):
             "train.epochs=2", "optim.milestones=[1.5]", *extra]
 
 
-def _same_weights(a: Path, b: Path) -> bool:
-    x, y = load_file(a), load_file(b)
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
-class _Stop(BaseException):
-    """Stands for the process dying: nothing in the engine catches it."""
-
-
-def _die_at_step(monkeypatch, n: int) -> None:
-    """The n-th training loss raises _Stop, as if the process died there (monkeypatch.undo revives it)."""
-    from dist_robust.methods.pgd_at import PGDAdversarialTraining as PGDAT
-    real, calls = PGDAT.loss, {"n": 0}
-
-    def dying(self, model, x, y):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise _Stop
-        return real(self, model, x, y)
-
-    monkeypatch.setattr(PGDAT, "loss", dying)
-
-
 @pytest.mark.slow
 def test_a_run_stopped_inside_an_epoch_resumes_there_bitwise(tmp_path, monkeypatch, capsys):
     every = ["train.checkpoint_every=4"]
     assert main(_args(tmp_path, "unbroken", *every)) == 0
     # Same run, stopped at its 30th step (the 8th of epoch 2 with 22 steps per epoch): step 28 was
     # its last checkpoint, so 2 steps are lost and redone.
-    _die_at_step(monkeypatch, 30)
-    with pytest.raises(_Stop):
+    die_at_step(monkeypatch, 30)
+    with pytest.raises(Stop):
         main(_args(tmp_path, "stopped", *every))
     monkeypatch.undo()
     ckpts = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").glob("*.json"))
@@ -62,14 +38,14 @@ def test_a_run_stopped_inside_an_epoch_resumes_there_bitwise(tmp_path, monkeypat
     capsys.readouterr()
     assert main(_args(tmp_path, "stopped", *every)) == 0
     assert "epoch 2, batch 6, step 28" in capsys.readouterr().err
-    assert _same_weights(tmp_path / "unbroken" / "model.safetensors", tmp_path / "stopped" / "model.safetensors")
+    assert same_weights(tmp_path / "unbroken" / "model.safetensors", tmp_path / "stopped" / "model.safetensors")
     # The epoch checkpoint supersedes the mid-epoch ones.
     assert not list((tmp_path / "stopped" / "checkpoints").glob("step_*"))
 
 
 def test_a_mid_epoch_checkpoint_refuses_another_batch_layout(tmp_path, monkeypatch, capsys):
-    _die_at_step(monkeypatch, 6)
-    with pytest.raises(_Stop):
+    die_at_step(monkeypatch, 6)
+    with pytest.raises(Stop):
         main(_args(tmp_path, "r", "train.checkpoint_every=4"))
     monkeypatch.undo()
     capsys.readouterr()
@@ -115,7 +91,7 @@ def test_a_rank_killed_mid_epoch_is_restarted_and_ends_bitwise_as_the_unbroken_r
     assert resumed and "step_000000" in resumed[0], out[-3000:]
     meta = json.loads((tmp_path / "killed" / "model.json").read_text())
     assert meta["step"] == 44
-    assert _same_weights(reference / "model.safetensors", tmp_path / "killed" / "model.safetensors")
+    assert same_weights(reference / "model.safetensors", tmp_path / "killed" / "model.safetensors")
 
 
 def _nan_on_rank_1(rank, world, tmp_path):

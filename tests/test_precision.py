@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICKSTART, TINY
+from conftest import QUICKSTART, TINY, Stop, die_at_step, same_weights
 from dist_robust.cli import main
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "loss_curves.json").read_text())
@@ -57,33 +57,18 @@ def _fp16_args(tmp_path, name):
             "data.subset=320", "data.batch_size=32", "train.threads=1"]
 
 
-class _Stop(BaseException):
-    """Stands for the process dying: nothing in the engine catches it."""
-
-
 @pytest.mark.slow
 def test_an_fp16_run_stopped_while_its_scale_still_falls_resumes_bitwise(tmp_path, monkeypatch):
     """10 steps; stopped at step 5 (checkpoint at step 4), while the scale is still being halved:
     a resume that forgot the scaler's state would start again at 2**20 and skip other steps."""
-    from safetensors.torch import load_file
-    from dist_robust.methods.pgd_at import PGDAdversarialTraining as PGDAT
     assert main(_fp16_args(tmp_path, "unbroken")) == 0
-    real, calls = PGDAT.loss, {"n": 0}
-
-    def dying(self, model, x, y):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise _Stop
-        return real(self, model, x, y)
-
-    monkeypatch.setattr(PGDAT, "loss", dying)
-    with pytest.raises(_Stop):
+    die_at_step(monkeypatch, 5)
+    with pytest.raises(Stop):
         main(_fp16_args(tmp_path, "stopped"))
     monkeypatch.undo()
     meta = json.loads((tmp_path / "stopped" / "checkpoints" / "step_00000004.json").read_text())
     assert meta["scaler"]["skipped"] >= 1 and meta["scaler"]["scale"] < 2.0 ** 20
     assert main(_fp16_args(tmp_path, "stopped")) == 0
-    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("unbroken", "stopped"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "unbroken" / "model.safetensors", tmp_path / "stopped" / "model.safetensors")
     end_a, end_b = (_losses(tmp_path / n)[1][-1] for n in ("unbroken", "stopped"))
     assert end_a["skipped_steps"] == end_b["skipped_steps"] >= 2
