@@ -223,10 +223,23 @@ def last_good(folder: Path) -> Optional[Path]:
     return None
 
 
+def _remove(sidecar: Path) -> None:
+    """A checkpoint's files, the sidecar first: a checkpoint is never left looking complete without its
+    tensors."""
+    sidecar.unlink(missing_ok=True)
+    for tensors in sidecar.parent.glob(sidecar.stem + ".*safetensors"):
+        tensors.unlink(missing_ok=True)
+
+
+def prune_epoch_checkpoints(folder: Path, keep: int) -> None:
+    """Keep the last ``keep`` epoch checkpoints in ``folder`` (0: all); model_best is not one of them."""
+    epochs = sorted(Path(folder).glob("epoch_*.json"))  # epoch_NNNN: the name's order is the epochs' order
+    for sidecar in epochs[:-keep] if keep else ():
+        _remove(sidecar)
+
+
 def remove_step_checkpoints(folder: Path) -> None:
     """Delete the mid-epoch ``step_*`` checkpoints in ``folder`` (an epoch checkpoint supersedes them):
     the sidecar first, so a checkpoint is never left looking complete without its tensors."""
     for sidecar in Path(folder).glob("step_*.json"):
-        sidecar.unlink(missing_ok=True)
-        for tensors in Path(folder).glob(sidecar.stem + ".*safetensors"):
-            tensors.unlink(missing_ok=True)
+        _remove(sidecar)

@@ -12,6 +12,7 @@ preflight.py, not here: a config is valid or not wherever it is read.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, List, Optional
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.nodes import FloatNode
 
 from .attacks.fused import COMPILE_MODES
 from .attacks.names import parse_attack
@@ -29,6 +31,7 @@ from .data.ffcv import FORMATS
 from .data.select import LOADERS
 from .methods import METHODS, MODULE_SELECTORS, STAGE_KINDS, MethodConfig, StageConfig
 from .models import MODELS
+from .models.external import WEIGHT_SUFFIXES, is_external, is_known, normalize_stats
 from .models.partial import BN_POLICIES, TRAINABLE
 from .schedules import DECAY_SHAPES, SCHEDULES
 from .utils import PRECISIONS, ConfigError, check
@@ -88,7 +91,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn3"                  # a name from dist_robust.models.MODELS
+    name: str = "cnn3"                  # a name from dist_robust.models.MODELS, or timm:ARCH / torchvision:ARCH
+    weights: Optional[str] = None       # timm:/torchvision: only: a local file of the network's own state_dict
+                                        # (.safetensors, or .pth/.pt read weights_only); never downloaded
+    normalize: Any = "dataset"          # the model's input mean/std: dataset | imagenet | cifar10 | {mean: [..],
+                                        # std: [..]} (external networks normalise outside: usually imagenet)
     init_from: Optional[str] = None     # source checkpoint (.safetensors) or run folder to fine-tune from
     new_head: bool = True               # fresh head for the target classes (keep the source's if False)
     sync_bn: bool = False               # synchronise BN batch statistics across ranks (gloo and nccl)
@@ -102,7 +109,17 @@ class ModelConfig:
                                         # (auto: dual for the methods with two BN wings (TWINS), train otherwise)
 
     def check(self, training: bool) -> None:
-        check(self.name in MODELS, "model.name", self.name, f"unknown model (known: {', '.join(sorted(MODELS))})")
+        check(self.name in MODELS or is_known(self.name), "model.name", self.name, f"unknown model (known: "
+              f"{', '.join(sorted(MODELS))}, timm:ARCH, torchvision:ARCH for an arch timm.list_models() or "
+              "torchvision.models.list_models() lists)")
+        check(self.weights is None or is_external(self.name), "model.weights", self.weights, "a timm:/torchvision: "
+              f"network's own state_dict; {self.name} starts from a checkpoint of ours with model.init_from")
+        check(self.weights is None or Path(self.weights).suffix in WEIGHT_SUFFIXES, "model.weights", self.weights,
+              f"must be {', '.join(WEIGHT_SUFFIXES)}")
+        try:
+            normalize_stats(self.normalize, [0.0], [1.0])
+        except ValueError as e:
+            raise ConfigError(f"model.normalize={self.normalize!r}: {e}") from None
         _choice("model.trainable", self.trainable, TRAINABLE)
         check(self.last_k >= 1, "model.last_k", self.last_k, "must be >= 1")
         check((self.trainable == "modules") == bool(self.modules), "model.modules", self.modules,
@@ -188,9 +205,13 @@ class TrainConfig:
     loss_scale: float = 65536.0         # fp16: the loss scaler's first scale (halved at each overflow)
     channels_last: bool = False         # the trained model and its batches in channels_last memory format
     compile: bool = False               # torch.compile the training forward (under DDP: the wrapped model)
+    keep_checkpoints: int = 2           # epoch checkpoints kept: the last N (0: all); model_best is kept apart
+    keep_best: bool = False             # keep checkpoints/model_best: the epoch with the best robust accuracy
+                                        # on the held-out val split (eval.every, data.holdout)
 
     def check(self) -> None:
         check(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
+        check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0: keep all)")
         _choice("train.resume", self.resume, ("auto", "never"))
         check(self.log_every > 0, "train.log_every", self.log_every, "must be > 0")
         check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
@@ -214,6 +235,11 @@ class EvalConfig:
     at_end: bool = True                 # evaluate after training and write results.json
     precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast; fp16 on CUDA only) of the eval attacks;
                                         # never attack.precision: a weaker training attack must not weaken the eval
+    # The robust-overfitting guard (Rice et al. 2020): validation on the held-out split, never the test split.
+    every: int = 0                      # every N epochs (and after the last): clean and eval.select_attack accuracy
+                                        # on the val split (data.holdout images), logged (0: never)
+    select_attack: str = "pgd-10"       # the attack whose val accuracy chooses model_best (train.keep_best)
+    final: str = "last"                 # last | best: the model the final evaluation (and model.json) is
 
     def check(self, attack: AttackConfig) -> None:
         check(self.eps is None or self.eps >= 0, "eval.eps", self.eps, "must be >= 0")
@@ -224,11 +250,16 @@ class EvalConfig:
         check(self.aa_block_size > 0, "eval.aa_block_size", self.aa_block_size, "must be > 0")
         check(self.limit is None or self.limit > 0, "eval.limit", self.limit, "must be > 0")
         _choice("eval.precision", self.precision, PRECISIONS)
-        for name in self.attacks:
-            try:
-                parse_attack(name)
-            except ValueError as e:
-                raise ConfigError(f"eval.attacks={name!r}: {e}") from None
+        check(self.every >= 0, "eval.every", self.every, "must be >= 0 (0: no validation during training)")
+        _choice("eval.final", self.final, ("last", "best"))
+        for key, names in (("eval.attacks", self.attacks), ("eval.select_attack", [self.select_attack])):
+            for name in names:
+                try:
+                    parse_attack(name)
+                except ValueError as e:
+                    raise ConfigError(f"{key}={name!r}: {e}") from None
+        check(self.select_attack == "clean" or parse_attack(self.select_attack)["kind"] == "pgd",
+              "eval.select_attack", self.select_attack, "must be clean, pgd-K or cw-K (chosen every eval.every epochs)")
 
 
 @dataclass
@@ -342,7 +373,7 @@ def _schema(method: Any, kind: Any):
     return schema
 
 
-def _unknown_key(key: str, method: str, kind: str) -> str:
+def _unknown_key(key: str, method: str, kind: str, schema) -> str:
     """Why ``key`` is not in the schema, naming its new place when it moved."""
     section, _, name = key.partition(".")
     if section in MOVED_SECTIONS:
@@ -351,10 +382,64 @@ def _unknown_key(key: str, method: str, kind: str) -> str:
     if section == "method" and name and "." not in name:
         owners = _owners(name)
         return (f"not a key of method {method}" + (f" (a key of {', '.join(owners)}: a method's section "
-                "holds its own keys only)" if owners else ""))
+                "holds its own keys only)" if owners else _did_you_mean(key, schema)))
     if section == "stage" and name and "." not in name:
-        return f"not a key of stage kind {kind}"
-    return "unknown key"
+        return f"not a key of stage kind {kind}" + _did_you_mean(key, schema)
+    return "unknown key" + _did_you_mean(key, schema)
+
+
+_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def parse_fraction(text: Any) -> Any:
+    """'8/255' -> 8/255 as a float (radii are written so in papers); anything else is returned as it is."""
+    m = _FRACTION.match(text) if isinstance(text, str) else None
+    if not m or float(m.group(2)) == 0:
+        return text
+    return float(m.group(1)) / float(m.group(2))
+
+
+def _with_fractions(schema, layer: Any, prefix: str = "") -> Any:
+    """``layer`` with every 'A/B' string read as a number where the schema holds a float."""
+    if not isinstance(layer, dict):
+        return layer
+    out = {}
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out[key] = _with_fractions(schema, value, path + ".")
+        elif isinstance(value, str) and _is_float(schema, path):
+            out[key] = parse_fraction(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_float(schema, path: str) -> bool:
+    section, _, key = path.rpartition(".")
+    try:
+        parent = OmegaConf.select(schema, section) if section else schema
+        node = parent._get_node(key) if parent is not None else None
+    except (AttributeError, KeyError, OmegaConfBaseException):
+        return False
+    return isinstance(node, FloatNode)
+
+
+def _all_keys(schema, prefix: str = "") -> list[str]:
+    keys = []
+    for key in schema:
+        value = schema._get_node(key)
+        keys += _all_keys(value, f"{prefix}{key}.") if OmegaConf.is_dict(value) else [f"{prefix}{key}"]
+    return keys
+
+
+def _did_you_mean(key: str, schema) -> str:
+    """' (did you mean optim.lr?)': a key of the same name in another section, else the closest spelling."""
+    keys = _all_keys(schema)
+    leaf = key.rpartition(".")[2]
+    same_leaf = [k for k in keys if k.rpartition(".")[2] == leaf]
+    close = same_leaf or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return f" (did you mean {' or '.join(close[:2])}?)" if close else ""
 
 
 def _merge(layers: List[dict], overrides: List[str]) -> Config:
@@ -365,19 +450,22 @@ def _merge(layers: List[dict], overrides: List[str]) -> Config:
             raise ConfigError(f"override {text!r}: expected section.key=value")
     method = _selected(layers, parsed, "method", "name", "standard")
     kind = _selected(layers, parsed, "stage", "kind", "train")
-    merged = _schema(method, kind)
+    schema = merged = _schema(method, kind)
+    layers = [_with_fractions(schema, x) for x in layers]
     try:
         merged = OmegaConf.merge(merged, *(OmegaConf.create(x) for x in layers))
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or ""
         moved = [x[key] for x in layers if key in MOVED_SECTIONS and isinstance(x.get(key), dict) and x[key]]
         key = f"{key}.{next(iter(moved[0]))}" if moved else key  # name the first moved key
-        raise ConfigError(f"{key}: {_unknown_key(key, method, kind)}") from None
+        raise ConfigError(f"{key}: {_unknown_key(key, method, kind, schema)}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     for key, value in parsed:
         if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
-            raise ConfigError(f"{key}={value!r}: {_unknown_key(key, method, kind)}")
+            raise ConfigError(f"{key}={value!r}: {_unknown_key(key, method, kind, schema)}")
+        if _is_float(schema, key):
+            value = parse_fraction(value)
         try:
             OmegaConf.update(merged, key, value, merge=False)
         except OmegaConfBaseException as e:
@@ -473,8 +561,22 @@ def validate(cfg: Config, training: bool = True) -> None:
     check(not cfg.train.compile or cfg.dist.engine == "ddp", "train.compile", True,
           "compiles the DDP engine's forward; with dist.engine=deepspeed leave it false")
     _split("eval.split", cfg.eval.split, cfg.data)
+    if training:
+        _selection(cfg)
     cfg.method.check(cfg, training)
     cfg.stage.check(cfg, training)
+
+
+def _selection(cfg: Config) -> None:
+    """Model selection reads the held-out val split only: a recipe that would choose on the test split
+    (no holdout), or report the chosen model on the split it was chosen on, is refused."""
+    e, t = cfg.eval, cfg.train
+    check(not e.every or cfg.data.holdout > 0, "eval.every", e.every,
+          "validates on the held-out val split: set data.holdout (never select on the test split)")
+    check(not t.keep_best or e.every, "train.keep_best", True, "chooses by validation: set eval.every > 0")
+    check(e.final == "last" or t.keep_best, "eval.final", e.final, "best needs train.keep_best=true")
+    check(e.final == "last" or e.split != "val", "eval.final", e.final,
+          "best with eval.split=val would report the model on the split it was chosen on: evaluate on test")
 
 
 def from_dict(d: dict) -> Config:

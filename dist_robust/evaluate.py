@@ -25,7 +25,7 @@ from .checkpoint import read_sidecar, resolve
 from .data import EvalLoader, load_split
 from .data.select import ffcv_eval_loader, resolve_loader
 from .report import progress
-from .utils import atomic_write
+from .utils import atomic_write, sha256_file
 log = logging.getLogger("dist_robust")
 
 
@@ -131,33 +131,53 @@ def write_results(path: Path, results: dict) -> None:
     atomic_write(Path(path), (json.dumps(results, indent=1) + "\n").encode())
 
 
-def evaluate_run(cfg, model, device, checkpoint: str, out: Path, journal=None) -> dict:
+def eval_radius(cfg) -> tuple[float, str]:
+    """The evaluation's eps and norm: eval.eps / eval.norm, else the training attack's."""
+    return (cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps,
+            cfg.attack.norm if cfg.eval.norm is None else cfg.eval.norm)
+
+
+def _fingerprint(checkpoint: str) -> str:
+    """What AutoAttack's saved state is tied to: a checkpoint's recorded hash, or a weights file's own."""
+    path = Path(checkpoint)
+    return read_sidecar(resolve(path))["sha256"]["model"] if path.suffix == ".json" else sha256_file(path)
+
+
+def evaluate_run(cfg, model, device, checkpoint: str, out: Path, journal=None, extra: dict | None = None,
+                 radii: list[float] | None = None) -> dict:
     """Evaluate ``model`` (saved at ``checkpoint``) on cfg's dataset and eval settings; rank 0 writes
-    ``out``. AutoAttack keeps its resumable state next to ``out``."""
-    e, a = cfg.eval, cfg.attack
+    ``out`` (with ``extra``'s keys). AutoAttack keeps its resumable state next to ``out``. ``radii``:
+    several eps, one results file with a ``radii`` list (one entry of attacks per radius) in place of
+    ``attacks``."""
+    e = cfg.eval
     test_set, loader = None, None
     if resolve_loader(cfg.data) == "ffcv" and e.split == "test" and not any(n.startswith("aa") for n in e.attacks):
         loader = ffcv_eval_loader(cfg.data, e.split, cfg.data.eval_batch_size, device, e.limit)
     else:  # AutoAttack and the held-out val split read the in-memory split
         test_set = load_split(cfg.data, e.split)
-    eps = a.eps if e.eps is None else e.eps
-    norm = a.norm if e.norm is None else e.norm
-    fingerprint = read_sidecar(resolve(checkpoint))["sha256"]["model"]
+    eps, norm = eval_radius(cfg)
+    radii = radii or [eps]
+    fingerprint = _fingerprint(checkpoint)
     t0 = time.perf_counter()
-    counts = evaluate(model, test_set, e.attacks, eps, cfg.data.eval_batch_size, device, limit=e.limit,
-                      seed=e.seed, norm=norm, restarts=e.restarts,
-                      attack_opts=eval_attack_opts(cfg),
-                      aa_state_dir=out.with_name(out.stem + ".aa-state"), fingerprint=fingerprint,
-                      progress=lambda it: progress(it, None, "eval"), aa_block_size=e.aa_block_size,
-                      loader=loader)
+    each = []
+    for r in radii:
+        state = out.stem + (".aa-state" if len(radii) == 1 else f".eps{r:.6g}.aa-state")
+        each.append(evaluate(model, test_set, e.attacks, r, cfg.data.eval_batch_size, device, limit=e.limit,
+                             seed=e.seed, norm=norm, restarts=e.restarts, attack_opts=eval_attack_opts(cfg),
+                             aa_state_dir=out.with_name(state), fingerprint=fingerprint,
+                             progress=lambda it: progress(it, None, "eval"), aa_block_size=e.aa_block_size,
+                             loader=loader))
+    counts = each[0] if len(radii) == 1 else dict(
+        {k: v for k, v in each[0].items() if k != "attacks"}, norm=norm,
+        radii=[{"eps": r, "attacks": c["attacks"]} for r, c in zip(radii, each)])
     results = {"dataset": cfg.data.name, "split": e.split, **counts, "checkpoint": checkpoint,
-               "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
+               "seconds": time.perf_counter() - t0, **(extra or {}), "config": cfg.to_dict()}
     if dist.is_main():
         write_results(out, results)
         if journal is not None:
             journal.write(kind="eval", **{k: results[k] for k in ("n", "clean", "attacks")})
-        line = "  ".join([f"clean {results['clean']['acc']:.4f}"] +
-                         [f"{k} {v['acc']:.4f}" for k, v in results["attacks"].items()])
-        log.info("eval on %s/%s (n=%d, %s eps=%.4g): %s -> %s", cfg.data.name, e.split, results["n"], norm, eps,
-                 line, out)
+        for r, c in zip(radii, each):
+            line = "  ".join([f"clean {c['clean']['acc']:.4f}"] + [f"{k} {v['acc']:.4f}" for k, v in c["attacks"].items()])
+            log.info("eval on %s/%s (n=%d, %s eps=%.4g): %s", cfg.data.name, e.split, c["n"], norm, r, line)
+        log.info("results -> %s", out)
     return results

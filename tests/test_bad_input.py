@@ -74,8 +74,17 @@ MISTAKES = [
     (["train", "{tmp}/no_such_recipe.yaml"], {}, "no_such_recipe.yaml"),
     (["eval", "--checkpoint", "{c100}", "--dataset", "mnist"], {}, "--dataset=mnist: 10 classes"),
     (["eval", "--checkpoint", "{tmp}/nothing_here", "--dataset", "mnist"], {}, "nothing_here"),
-    (["eval", "--checkpoint", "{resnet}", "--dataset", "cifar10"], {}, "data.root"),
-    (["eval", "--checkpoint", "{resnet}", "--dataset", "mnist", "--eps", "4"], {}, "eval.eps=4.0"),
+    (["eval", "--checkpoint", "{resnet}", "--dataset", "cifar10"], {}, "--root"),             # the flag, not data.root
+    (["eval", "--checkpoint", "{resnet}", "--dataset", "mnist", "--eps", "4"], {}, "--eps=4.0"),
+    (["eval", "--checkpoint", "{resnet}", "--dataset", "mnist", "--eps", "8/0"], {}, "--eps=8/0"),
+    (["eval", "--model", "timm:resnet18", "--dataset", "mnist", "--eps", "8/255"], {}, "--weights"),
+    # the robust-overfitting guard never selects on the test split
+    (["train", RECIPE, "eval.every=1"], {}, "set data.holdout (never select on the test split)"),
+    (["train", RECIPE, "train.keep_best=true"], {}, "set eval.every > 0"),
+    (["train", RECIPE, "data.holdout=100", "eval.every=1", "eval.final=best"], {}, "train.keep_best=true"),
+    (["train", RECIPE, "data.holdout=100", "eval.every=1", "train.keep_best=true", "eval.final=best",
+      "eval.split=val"], {}, "chosen on"),
+    (["train", RECIPE, "train.lr=0.1"], {}, "did you mean optim.lr?"),
 ]
 
 

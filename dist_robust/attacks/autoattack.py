@@ -121,7 +121,8 @@ def within_bounds(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -
 
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(255)
+    """uint8 images to [0, 1]; float images (evaluate_model's own tensors) are pixels already."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.to(torch.float32, copy=True)
 
 
 def _gathered_max(value: float) -> float:

@@ -17,7 +17,9 @@ from .sources import Dataset, stratified_take
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255)
+    """Pixels in [0, 1]: uint8 images divided by 255; float images (a user's own tensors, evaluate_model)
+    as they are."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)  # never the caller's own
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
