@@ -42,3 +42,12 @@ def test_the_epoch_log_holds_them(tmp_path, tiny):
               if json.loads(line)["kind"] == "epoch"]
     assert epochs and {"feature_dist", "clean_correct"} <= set(epochs[-1])
     assert epochs[-1]["feature_dist"] > 0
+
+
+def test_images_per_s_counts_only_the_images_this_process_trained():
+    """After a mid-epoch resume the totals hold the whole epoch (n=8) but this process trained 3 of
+    its images in the 2 s: the rate is 3 / 2, the averages stay the whole epoch's."""
+    totals = {k: torch.tensor(v, dtype=torch.float64) for k, v in RANK_TOTALS[0].items()}
+    summary = epoch_summary(totals, 2.0, 3.0, epoch=1)
+    assert summary["images_per_s"] == 1.5
+    assert (summary["loss"], summary["train_acc"]) == (3.0 / 8, 5.0 / 8)

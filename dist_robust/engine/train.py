@@ -8,9 +8,11 @@ checkpoint per epoch, ``export_and_evaluate`` (model.json, then exact sharded ev
 """
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,15 +25,17 @@ from ..data.select import resolve_loader, train_loader
 from ..methods import MODULE_SELECTORS, build_method
 from ..models import build_model, head_classes, load_backbone, load_state_strict, model_from_state
 from ..models.dual_bn import export_plain
+from ..models.external import normalize_stats
 from ..models.partial import configure_finetuning
 from ..models.sync_bn import convert_sync_bn
 from ..report import JsonlLog
 from ..schedules import lr_at
+from ..tensorboard import RunLog
 from ..utils import atomic_write, autocast
 from ..checkpoint import (CheckpointError, last_good, load_checkpoint, load_optimizer,
-                         load_rank_buffers, read_sidecar, remove_step_checkpoints, rng_state,
-                         save_checkpoint, set_rng_state)
-from ..evaluate import evaluate_run
+                         load_rank_buffers, prune_epoch_checkpoints, read_sidecar, remove_step_checkpoints,
+                         rng_state, save_checkpoint, set_rng_state)
+from ..evaluate import eval_attack_opts, eval_radius, evaluate, evaluate_run
 from ..report import progress
 
 log = logging.getLogger("dist_robust")
@@ -46,8 +50,12 @@ def build(cfg: Config, device: torch.device):
         train_set = load_split(cfg.data, "train")
         info = train_set.info
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.name, info.channels, info.num_classes, info.mean, info.std,
-                        image_size=info.size)
+    mean, std = normalize_stats(cfg.model.normalize, info.mean, info.std)
+    model = build_model(cfg.model.name, info.channels, info.num_classes, mean, std, image_size=info.size,
+                        weights=cfg.model.weights, new_head=cfg.model.new_head)
+    if cfg.model.weights:
+        log.info("%s: weights from %s (%s head)", cfg.model.name, cfg.model.weights,
+                 "a new" if cfg.model.new_head else "their")
     if cfg.model.init_from:
         state, meta = load_checkpoint(cfg.model.init_from)
         load_backbone(model, state, new_head=cfg.model.new_head)
@@ -180,15 +188,19 @@ def _totals(saved) -> dict:
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
 
 
-def epoch_summary(totals: dict, seconds: float, **where) -> dict:
+def epoch_summary(totals: dict, seconds: float, trained=None, **where) -> dict:
     """Every metric the method returned, summed over all ranks (one all_reduce) and divided by the
-    images seen: loss_sum -> loss, correct -> train_acc, any other ``X_sum`` -> X, a count -> its rate."""
+    images seen: loss_sum -> loss, correct -> train_acc, any other ``X_sum`` -> X, a count -> its rate.
+    images_per_s: the images trained in ``seconds``, ``trained`` of this rank (default: its ``n``); after
+    a mid-epoch resume ``n`` also counts the images an earlier process trained."""
     names = sorted(totals)
-    summed = dict(zip(names, dist.all_reduce_sum(torch.stack([totals[k] for k in names])).tolist()))
+    own = totals["n"] if trained is None else torch.as_tensor(trained, dtype=torch.float64)
+    *sums, images = dist.all_reduce_sum(torch.stack([totals[k] for k in names] + [own])).tolist()
+    summed = dict(zip(names, sums))
     n = summed["n"]
     out = dict(where, loss=summed["loss_sum"] / n, train_acc=summed["correct"] / n)
     out.update({k.removesuffix("_sum"): v / n for k, v in summed.items() if k not in ("loss_sum", "correct", "n")})
-    return dict(out, seconds=seconds, images_per_s=n / seconds)
+    return dict(out, seconds=seconds, images_per_s=images / seconds)
 
 
 @dataclass
@@ -204,6 +216,8 @@ class Run:
     start_epoch: int = 0            # where this process starts (a resumed run: the checkpoint's place)
     start_batch: int = 0
     resumed_totals: dict | list | None = None
+    selection: dict = field(default_factory=dict)  # validation: {"best": {epoch, acc, ...}, "last": {...}}
+    val_set: object = None          # the held-out split, loaded at the first validation
 
     @property
     def folder(self) -> Path:
@@ -251,7 +265,7 @@ def setup(cfg: Config, device: torch.device) -> Run:
     if dist.is_main():
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "config.yaml", cfg.to_yaml().encode())
-    journal = JsonlLog(folder / "log.jsonl" if dist.is_main() else None)
+    journal = RunLog(folder if dist.is_main() else None, step)  # log.jsonl and TensorBoard (tb/)
     # The training forward goes through the engine's wrapper; attacks use the unwrapped `model`.
     if cfg.dist.engine == "deepspeed":
         from .deepspeed import DeepSpeedTrainer
@@ -270,10 +284,11 @@ def setup(cfg: Config, device: torch.device) -> Run:
             if name in own_buffers:
                 buf.copy_(own_buffers[name])
     engine = "ddp" if cfg.dist.engine == "ddp" else f"deepspeed ZeRO-{cfg.dist.zero_stage}"
-    log.info("%s: %s on %s (%d images, %s loader, %d ranks, %d steps/epoch), method %s, %s, device %s",
+    log.info("%s: %s on %s (%d images, %s loader, %d rank%s, %d steps/epoch), method %s, %s, device %s",
              cfg.run.name, cfg.model.name, cfg.data.name, loader.num_points, resolve_loader(cfg.data), world,
-             steps_per_epoch, cfg.method.name, engine, device)
-    return Run(cfg, model, method, trainer, loader, journal, step, start_epoch, start_batch, resumed_totals)
+             "s" if world > 1 else "", steps_per_epoch, cfg.method.name, engine, device)
+    selection = read_sidecar(sidecar).get("selection", {}) if sidecar else {}
+    return Run(cfg, model, method, trainer, loader, journal, step, start_epoch, start_batch, resumed_totals, selection)
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict:
@@ -284,7 +299,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     first = run.start_batch if epoch == run.start_epoch else 0
     run.model.train()
     totals = _totals(run.resumed_totals if first else {})  # metric -> this rank's sum over the epoch's batches
-    t0 = time.perf_counter()
+    resumed_n = float(totals.get("n", 0.0))  # images trained by an earlier process: not in this one's rate
+    t0 = t_logged = time.perf_counter()
+    at_logged = dict(totals)  # the totals at the last logged step: the step records' rates are since then
     batches = enumerate(run.loader.iter_from(epoch, first), first + 1)
     for batch, (x, y) in progress(batches, steps_per_epoch - first, f"epoch {epoch + 1}/{epochs}"):
         lr = lr_at(run.step, steps_per_epoch, cfg.optim, epochs)
@@ -304,13 +321,18 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value.detach().double().cpu()
         if run.step % cfg.train.log_every == 0:
-            run.journal.write(kind="step", epoch=epoch + 1, step=run.step, lr=lr, loss=loss.item())
+            now, since = time.perf_counter(), {k: float(v - at_logged.get(k, 0.0)) for k, v in totals.items()}
+            rates = {"images_per_s": since["n"] * dist.world_size() / (now - t_logged)}  # equal rank batches
+            if "attack_success" in since:  # rank 0's batches since the last logged step
+                rates["attack_success"] = since["attack_success"] / since["n"]
+            run.journal.write(kind="step", epoch=epoch + 1, step=run.step, lr=lr, loss=loss.item(), **rates)
+            t_logged, at_logged = now, dict(totals)
         every = cfg.train.checkpoint_every
         if every and run.step % every == 0 and batch < steps_per_epoch:
             run.save(f"step_{run.step:08d}", epoch=epoch, batch=batch, step=run.step, steps_per_epoch=steps_per_epoch,
                      totals=dist.all_gather_objects({k: float(v) for k, v in totals.items()}))
     seconds = time.perf_counter() - t0
-    summary = epoch_summary(totals, seconds, epoch=epoch + 1, step=run.step, lr=lr)
+    summary = epoch_summary(totals, seconds, float(totals["n"]) - resumed_n, epoch=epoch + 1, step=run.step, lr=lr)
     if run.trainer.scaler is not None:  # the same on every rank: not reduced
         summary.update(skipped_steps=run.trainer.scaler.skipped, loss_scale=run.trainer.scaler.scale)
     run.journal.write(kind="epoch", **summary)
@@ -320,36 +342,115 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     return summary
 
 
+def _exported(model: torch.nn.Module, method) -> torch.nn.Module:
+    """The plain model the run's current weights stand for (plain BN layers: dual -> adaptive wing,
+    sync -> local), with rank 0's buffers on every rank. Ranks' BN running statistics differ after
+    their last step (DDP broadcasts rank 0's before each forward, then every rank updates its own);
+    model.json holds rank 0's, and every rank evaluates its shard of it."""
+    dist.broadcast_buffers(model)
+    return export_plain(method.export(model))
+
+
+def validate(run: Run, epoch: int, device: torch.device) -> None:
+    """The robust-overfitting guard (Rice et al. 2020): clean and eval.select_attack accuracy on the
+    held-out val split, logged; the best epoch so far is remembered (and, with train.keep_best, saved as
+    checkpoints/model_best). It looks at a copy of the model, exported as model.json would be: training
+    continues bitwise as without it (the attack's random starts come from their own seeded generator)."""
+    cfg, e = run.cfg, run.cfg.eval
+    if run.val_set is None:
+        run.val_set = load_split(cfg.data, "val")
+    model = _exported(copy.deepcopy(run.model), run.method)
+    eps, norm = eval_radius(cfg)
+    attacks = [e.select_attack] if e.select_attack != "clean" else []
+    res = evaluate(model, run.val_set, attacks, eps, cfg.data.eval_batch_size, device, seed=e.seed, norm=norm,
+                   restarts=e.restarts, attack_opts=eval_attack_opts(cfg))
+    acc = res["attacks"][e.select_attack]["acc"] if attacks else res["clean"]["acc"]
+    run.journal.write(kind="val", epoch=epoch + 1, step=run.step, n=res["n"], clean=res["clean"],
+                      attacks=res["attacks"])
+    val = {"epoch": epoch + 1, "step": run.step, "acc": acc, "clean_acc": res["clean"]["acc"]}
+    best = run.selection.get("best")
+    is_best = best is None or acc > best["acc"]  # a tie keeps the earlier epoch
+    run.selection = {"best": val if is_best else best, "last": val}
+    log.info("val epoch %d (n=%d): clean %.4f  %s %.4f%s", epoch + 1, res["n"], res["clean"]["acc"],
+             e.select_attack, acc, "  (best so far)" if is_best else f"  (best: epoch {best['epoch']}, {best['acc']:.4f})")
+    if is_best and cfg.train.keep_best and dist.is_main():
+        save_checkpoint(run.folder / "checkpoints", "model_best", model.state_dict(),
+                        dict(config=cfg.to_dict(), epoch=epoch + 1, step=run.step, val=val))
+    dist.barrier()
+
+
+def _selection_record(run: Run) -> dict:
+    """results.json's account of which epoch's model was evaluated and why."""
+    cfg, sel = run.cfg, run.selection
+    if not sel:
+        return {}
+    best, last = sel["best"], sel["last"]
+    chosen = best if cfg.eval.final == "best" else last
+    why = (f"the best {cfg.eval.select_attack} accuracy on the {cfg.data.holdout} held-out val images"
+           if cfg.eval.final == "best" else "eval.final=last: the last epoch")
+    return {"selection": {"final": cfg.eval.final, "epoch": chosen["epoch"], "why": why,
+                          "attack": cfg.eval.select_attack, "split": "val", "best": best, "last": last}}
+
+
 def export_and_evaluate(run: Run, device: torch.device) -> dict | None:
-    """The run's model: exported (model.json) and, with eval.at_end, evaluated (results.json)."""
+    """The run's model: exported (model.json) and, with eval.at_end, evaluated (results.json). With
+    eval.final=best the model is the best validated epoch's (checkpoints/model_best)."""
     cfg = run.cfg
-    # Ranks' BN running statistics differ after their last step (DDP broadcasts rank 0's before each
-    # forward, then every rank updates its own). model.json holds rank 0's, and every rank evaluates
-    # its shard of model.json: without this, rank 1's points met other statistics.
-    dist.broadcast_buffers(run.model)
-    exported = export_plain(run.method.export(run.model))  # plain BN layers: dual -> adaptive wing, sync -> local
+    exported = _exported(run.model, run.method)
+    epoch = cfg.train.epochs
+    best = run.selection.get("best")
+    if cfg.eval.final == "best" and best and best["epoch"] != epoch:
+        state, _ = load_checkpoint(run.folder / "checkpoints" / "model_best.json")
+        exported.load_state_dict(state)
+        epoch = best["epoch"]
+        if dist.is_main():
+            log.info("eval.final=best: the model of epoch %d (val %s %.4f; last epoch %.4f)", epoch,
+                     cfg.eval.select_attack, best["acc"], run.selection["last"]["acc"])
     if dist.is_main():
         save_checkpoint(run.folder, "model", exported.state_dict(),
-                        dict(config=cfg.to_dict(), epoch=cfg.train.epochs, step=run.step))
+                        dict(config=cfg.to_dict(), epoch=epoch, step=run.step))
     dist.barrier()
     if not cfg.eval.at_end:
         return None
     results = evaluate_run(cfg, exported, device, checkpoint=str(run.folder / "model.json"),
-                           out=run.folder / "results.json", journal=run.journal)
+                           out=run.folder / "results.json", journal=run.journal, extra=_selection_record(run))
     warning = chance_warning(results["clean"]["acc"], exported.head.out_features)
     if warning and dist.is_main():
         log.warning("%s: %s", cfg.run.name, warning)
     return results
 
 
+def finished_results(cfg: Config) -> dict | None:
+    """The results of a run that already finished with this very config (train.resume=auto): running
+    it again has nothing to do (and must not overwrite them); None otherwise."""
+    folder = Path(cfg.run.out_dir) / cfg.run.name
+    if cfg.train.resume != "auto" or not cfg.eval.at_end or not (folder / "model.json").is_file():
+        return None
+    try:
+        results = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("config") == cfg.to_dict() else None
+
+
 def train(cfg: Config, device: torch.device) -> dict | None:
-    """Setup (and resume), the epochs (a checkpoint after each), then export and evaluation."""
+    """Setup (and resume), the epochs (validation every eval.every epochs, a checkpoint after each, the
+    last train.keep_checkpoints kept), then export and evaluation."""
+    results = finished_results(cfg)
+    if results is not None:
+        log.info("%s: finished earlier with this config; its results.json stands", cfg.run.name)
+        return results
     run = setup(cfg, device)
+    every = cfg.eval.every
     for epoch in range(run.start_epoch, cfg.train.epochs):
         summary = train_one_epoch(run, epoch)
-        run.save(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=run.step, metrics=summary)
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):  # and always the last
+            validate(run, epoch, device)
+        run.save(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=run.step, metrics=summary,
+                 **({"selection": run.selection} if run.selection else {}))
         if dist.is_main():
             remove_step_checkpoints(run.folder / "checkpoints")  # superseded by the epoch's own
+            prune_epoch_checkpoints(run.folder / "checkpoints", cfg.train.keep_checkpoints)
     return export_and_evaluate(run, device)
 
 

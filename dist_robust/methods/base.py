@@ -33,6 +33,7 @@ class Method:
     synchronises gradients) and must run attacks on the unwrapped module (``attacks.attack_mode``
     does this for it). Metrics are detached scalars summed over the batch: {"loss_sum", "correct",
     "n"} and any others (``*_sum`` or counts), which the engine sums over ranks and logs per image.
+    A method that attacks returns ``attack_success`` too (``attack_success(adv_logits, y)``).
     """
 
     name: ClassVar[str]
@@ -98,6 +99,13 @@ def register_stage(kind: str, config: type, sources: tuple = ()) -> Callable:
 # Selectors of model.modules (RiFT's lowest_mrc): name -> resolve(init_from) -> a module name, used in
 # place of the selector when the run is built.
 MODULE_SELECTORS: dict[str, Callable[[str], str]] = {}
+
+
+def attack_success(adv_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """How many of the batch's adversarial examples the training forward misclassifies: the metric
+    ``attack_success``, logged per image as the training attack's success rate. Read off logits the
+    loss computes anyway, so it costs no forward and moves no training number."""
+    return (adv_logits.detach().argmax(1) != y).sum()
 
 
 def ce_with_metrics(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -41,7 +41,7 @@ from ..dist import unwrap, world_size
 from ..models import block_names
 from ..models.partial import configure_finetuning
 from ..utils import check
-from .base import Method, MethodConfig, ce_with_metrics, register
+from .base import Method, MethodConfig, attack_success, ce_with_metrics, register
 
 
 @dataclass
@@ -140,8 +140,8 @@ class CARTLFeatureDistance(Method):
     lambda = 0.01 is the paper's at a global batch of 128 (scale it by 128 / data.batch_size otherwise).
 
     Metrics: ``loss_sum``, ``correct`` (on the adversarial batch, the robust training accuracy CARTL
-    selects on), ``n``, plus ``clean_correct`` and ``feature_dist_sum`` (sum of the per-sample
-    distances) for monitoring.
+    selects on), ``n``, ``attack_success``, plus ``clean_correct`` and ``feature_dist_sum`` (sum of the
+    per-sample distances) for monitoring.
     """
 
     name = "cartl"
@@ -175,7 +175,7 @@ class CARTLFeatureDistance(Method):
         with torch.no_grad():
             metrics = {"loss_sum": loss.detach() * len(y), "correct": (adv_logits.argmax(1) == y).sum(),
                        "n": torch.tensor(len(y)), "clean_correct": (clean_logits.argmax(1) == y).sum(),
-                       "feature_dist_sum": dist.detach().sum()}
+                       "feature_dist_sum": dist.detach().sum(), "attack_success": attack_success(adv_logits, y)}
         return loss, metrics
 
 

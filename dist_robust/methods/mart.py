@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..attacks import attack_kwargs, pgd
 from ..utils import check
-from .base import Method, MethodConfig, register
+from .base import Method, MethodConfig, attack_success, register
 
 
 @dataclass
@@ -61,5 +61,6 @@ class MART(Method):
         loss = mart_loss(clean, adv, y, self.cfg.method.beta)
         with torch.no_grad():
             metrics = {"loss_sum": loss.detach() * len(y), "correct": (adv.argmax(1) == y).sum(),
-                       "n": torch.tensor(len(y)), "clean_correct": (clean.argmax(1) == y).sum()}
+                       "n": torch.tensor(len(y)), "clean_correct": (clean.argmax(1) == y).sum(),
+                       "attack_success": attack_success(adv, y)}
         return loss, metrics

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..attacks import attack_kwargs, pgd
 from ..utils import check
-from .base import Method, MethodConfig, ce_with_metrics, register
+from .base import Method, MethodConfig, attack_success, ce_with_metrics, register
 
 KL_REDUCTIONS = ("batchmean", "sum", "mean")
 
@@ -74,7 +74,8 @@ class TRADES(Method):
         x_adv = trades_adversary(model, x, y, self.cfg.attack)
         clean = model(x)
         natural, metrics = ce_with_metrics(clean, y)
-        robust = kl_term(model(x_adv), clean, self.cfg.method.kl_reduction, len(x))
+        adv = model(x_adv)
+        robust = kl_term(adv, clean, self.cfg.method.kl_reduction, len(x))
         loss = natural + self.cfg.method.beta * robust
-        metrics["loss_sum"] = loss.detach() * len(y)
+        metrics.update(loss_sum=loss.detach() * len(y), attack_success=attack_success(adv, y))
         return loss, metrics

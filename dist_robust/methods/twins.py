@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..dist import unwrap
 from ..models.dual_bn import bn_branch, dual_layers
 from ..utils import check
-from .base import Method, MethodConfig, ce_with_metrics, register
+from .base import Method, MethodConfig, attack_success, ce_with_metrics, register
 from .trades import TradesConfig, kl_term, trades_adversary
 
 
@@ -80,7 +80,7 @@ class TwinsAT(Method):
             logits = model(x_adv)
         loss = _wing_ce(logits, y, self.cfg.method.twins_lambda)
         _, metrics = ce_with_metrics(logits.detach(), y)
-        metrics["loss_sum"] = loss.detach() * len(y)
+        metrics.update(loss_sum=loss.detach() * len(y), attack_success=attack_success(logits, y))
         return loss, metrics
 
 
@@ -100,5 +100,5 @@ class TwinsTRADES(TwinsAT):
                   + kl_term(adv[half:], clean[half:], m.kl_reduction, len(y)))
         loss = _wing_ce(clean, y, lam) + m.beta * robust
         _, metrics = ce_with_metrics(clean.detach(), y)
-        metrics["loss_sum"] = loss.detach() * len(y)
+        metrics.update(loss_sum=loss.detach() * len(y), attack_success=attack_success(adv, y))
         return loss, metrics

@@ -140,6 +140,7 @@ class AdvSS(Method):
             correct = {t: _correct(t, adv_scores[t], labels[t]) for t in self.tasks}
             metrics = {"loss_sum": loss.detach() * len(x), "correct": sum(correct.values()) / len(correct),
                        "n": torch.tensor(len(x)), **{f"correct_{t}": c for t, c in correct.items()}}
+            metrics["attack_success"] = len(x) - metrics["correct"]  # the adversarial views' error, task mean
             if h is not None:
                 metrics["penalty_sum"] = h.detach() * len(x)
         return loss, metrics
