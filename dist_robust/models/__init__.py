@@ -21,6 +21,9 @@ trains with the last k). Per architecture:
                    CARTL's WRN-34-10 (3n + 2)
 - resnet50:        features.layer1.0 .. layer4.2 (16 bottlenecks), head: 17 (post-activation: no
                    final BN, as the official post-activation ResNet-18's 8 units + FC = 9)
+- timm:ARCH, torchvision:ARCH (models/external.py): the network's stages (resnet18: features.conv1, bn1,
+                   layer1 .. layer4; the head is not a block). Parameters held by the network itself rather
+                   than by a child (a ViT's class token and position embedding) are in no stage.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .external import external_network, is_external
 from .normalize import Normalize
 from .resnet import PreActResNet18, resnet50, wrn34_10
 from .small import CNN3, ResNetSmall
@@ -88,16 +92,31 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_model(name: str, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                image_size: int = 32, **backbone_kwargs) -> ImageClassifier:
+def build_model(name: str, in_channels: int, num_classes: int | None, mean: Sequence[float], std: Sequence[float],
+                image_size: int = 32, *, weights: str | None = None, new_head: bool = True,
+                **backbone_kwargs) -> ImageClassifier:
     """A freshly initialised model. ``image_size`` is checked only (every backbone ends in global
-    average pooling); ``backbone_kwargs`` go to the backbone constructor (e.g. ``width`` for cnn3)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
-    if in_channels < 1 or num_classes < 1 or image_size < 1:
+    average pooling); ``backbone_kwargs`` go to the backbone constructor (e.g. ``width`` for cnn3).
+
+    ``timm:<arch>`` and ``torchvision:<arch>`` (models/external.py) keep their library's initialisation,
+    or load ``weights`` (a file of the network's own state_dict); the head is then the weights' own
+    (``num_classes`` None: their classes) or, with ``new_head``, a fresh one of ``num_classes``."""
+    external = is_external(name)
+    if not external and name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))}, timm:ARCH, torchvision:ARCH)")
+    if weights is not None and not external:
+        raise ValueError(f"weights load into timm:/torchvision: networks; {name} starts from a checkpoint instead")
+    if num_classes is None and weights is None:
+        raise ValueError(f"{name}: the number of classes is needed (None only with weights: theirs)")
+    if in_channels < 1 or (num_classes is not None and num_classes < 1) or image_size < 1:
         raise ValueError(f"in_channels, num_classes and image_size must be >= 1 "
                          f"(got {in_channels}, {num_classes}, {image_size})")
     normalize = Normalize(_per_channel("mean", mean, in_channels), _per_channel("std", std, in_channels))
+    if external:
+        features, head = external_network(name, in_channels, num_classes, weights, new_head, **backbone_kwargs)
+        model = ImageClassifier(normalize, features, head.in_features, head.out_features)
+        model.head = head  # the network's own classifier (its weights', or its library's initialisation)
+        return model
     features = MODELS[name](in_channels, **backbone_kwargs)
     model = ImageClassifier(normalize, features, features.out_features, num_classes)
     init_weights(model)
@@ -152,7 +171,7 @@ def block_names(model: ImageClassifier) -> list[str]:
     (see the module docstring). A backbone that lists its ``blocks`` (the ResNet family: residual units,
     then the final BN if any) ends with the head, as CARTL counts; the others' blocks are their stages."""
     units = getattr(model.features, "blocks", None)
-    if units is None:
+    if not isinstance(units, (tuple, list)):  # also a timm network's own `blocks` module
         return stage_names(model)
     return [f"features.{u}" for u in units] + ["head"]
 
