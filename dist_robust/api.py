@@ -66,9 +66,14 @@ def evaluate_model(model: torch.nn.Module, dataset="mnist", attacks: Sequence[st
     from .config import parse_fraction
     from .evaluate import evaluate
 
-    eps = parse_fraction(eps)
-    if isinstance(eps, str) or not eps >= 0 or (norm == "Linf" and eps > 1):
-        raise ValueError(f"eps={eps!r}: a radius >= 0 in [0, 1] pixel units for Linf (8/255 or '8/255')")
+    eps_given = eps
+    try:
+        eps = float(parse_fraction(eps))
+    except (TypeError, ValueError):
+        eps = float("nan")  # refused below, named as given
+    if not eps >= 0 or (norm == "Linf" and eps > 1):
+        raise ValueError(f"eps={parse_fraction(eps_given)!r}: a radius >= 0, in [0, 1] pixel units for Linf "
+                         "(8/255 or '8/255')")
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: must be one of {', '.join(NORMS)}")
     if precision not in PRECISIONS:

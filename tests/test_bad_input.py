@@ -132,3 +132,15 @@ def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path, disguise, capsys):
         with pytest.raises(pickle.UnpicklingError):
             torch.load(evil, weights_only=True)
     assert not marker.exists()
+
+
+def test_a_missing_source_names_the_recipe_that_trains_it(tmp_path, monkeypatch, capsys):
+    """The fine-tuning recipes start from a source run that another recipe in configs/ trains."""
+    (tmp_path / "configs" / "pair").mkdir(parents=True)
+    (tmp_path / "configs" / "pair" / "source.yaml").write_text("run: {out_dir: runs/pair, name: source}\n")
+    (tmp_path / "configs" / "pair" / "tune.yaml").write_text(
+        "data: {name: digits}\nmodel: {init_from: runs/pair/source}\nrun: {out_dir: runs/pair, name: tune}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "configs/pair/tune.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("configs/pair/source.yaml trains it: run `dist-robust train configs/pair/source.yaml` first")

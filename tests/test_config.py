@@ -109,3 +109,21 @@ def test_evaluation_precision_is_eval_precision_never_the_training_attacks(tmp_p
     assert "fp16 needs a CUDA device" in capsys.readouterr().err
     assert main(args + ["--precision", "bf16"]) == 0
     assert json.loads(results.read_text())["attacks"]["pgd-1"]["precision"] == "bf16"
+
+
+def test_radii_are_read_as_fractions_wherever_a_float_is_expected(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("attack: {eps: 8/255, step_size: 2/255}\n")
+    cfg = load_config(str(recipe), ["eval.eps=4/255"])
+    assert (cfg.attack.eps, cfg.attack.step_size, cfg.eval.eps) == (8 / 255, 2 / 255, 4 / 255)
+    with pytest.raises(ConfigError, match="attack.steps"):  # an integer key takes no fraction
+        load_config(str(recipe), ["attack.steps=3/4"])
+    with pytest.raises(ConfigError, match="run.name"):  # a string key keeps its text
+        load_config(str(recipe), ["run.name=8/255"])
+
+
+@pytest.mark.parametrize("key,suggestion", [("train.lr", "optim.lr"), ("optim.lrr", "optim.lr"),
+                                            ("attack.epss", "attack.eps"), ("eval.atacks", "eval.attacks")])
+def test_an_unknown_key_names_the_nearest_valid_one(key, suggestion):
+    with pytest.raises(ConfigError, match=rf"unknown key \(did you mean {suggestion}\?\)"):
+        load_config(None, [f"{key}=1"])
