@@ -1,5 +1,6 @@
 """What a valid config needs of this machine and this launch, checked by the CLI before any rank starts:
-the files it reads (data.root, model.init_from and a stage kind's sources, with their checkpoint headers),
+the files it reads (data.root, model.init_from and a stage kind's sources, with their checkpoint headers,
+model.weights),
 the optional packages it uses, the run folder it writes, and how its batch splits over the world size.
 Every failure is a one-line ``ConfigError`` (exit status 2), as config.py's."""
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .checkpoint import CheckpointError, model_header, read_sidecar, resolve
 from .config import Config
 from .data import DATASETS
 from .methods import METHODS, STAGE_KINDS
+from .models.external import normalize_stats, read_weights
 from .utils import ConfigError, check
 
 
@@ -53,7 +55,25 @@ def check_run(cfg: Config, world_size: int = 1, training: bool = True, pending: 
         check(path is None or Path(path).exists() or path in pending, key, path, "no such file or folder")
         if path is not None and path not in pending:
             _check_source(cfg, key, path, source.info if not source.info.needs_root else None)
+    _check_external(cfg)
     _check_run_folder(cfg)
+
+
+def _check_external(cfg: Config) -> None:
+    """model.weights readable (a pickle that would run code is refused here, before any rank starts), the
+    normalisation's channels those of the data, and torchvision networks on RGB data."""
+    m, info = cfg.model, DATASETS[cfg.data.name].info
+    if m.weights is not None:
+        check(Path(m.weights).expanduser().is_file(), "model.weights", m.weights, "no such file")
+        try:
+            read_weights(m.weights)
+        except ValueError as e:
+            raise ConfigError(f"model.weights={m.weights!r}: {e}") from None
+    check(not m.name.startswith("torchvision:") or info.channels == 3, "model.name", m.name,
+          f"torchvision networks take 3-channel images; {info.name} has {info.channels} (timm:ARCH adapts its stem)")
+    mean, _ = normalize_stats(m.normalize, info.mean, info.std)
+    check(len(mean) in (1, info.channels), "model.normalize", m.normalize, f"{len(mean)} values per statistic, "
+          f"{info.name} has {info.channels}-channel images (one value, or one per channel)")
 
 
 def _check_batch(cfg: Config, world_size: int) -> None:
