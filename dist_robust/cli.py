@@ -55,8 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--root", default=None, help="data folder for user-provided datasets")
     pr.add_argument("--image-size", type=int, default=None, help="imagefolder: side of the square images")
     pr.add_argument("--workers", type=int, default=0, help="writer processes (default: the CPUs)")
-    r = sub.add_parser("report", help="print a table of results")
-    r.add_argument("runs", nargs="+", help="run folders or results.json files")
+    r = sub.add_parser("report", help="print a table of results; --plot DIR draws them",
+                       description="A Markdown table of results: one row per results file and attack radius.")
+    r.add_argument("runs", nargs="+", metavar="PATH",
+                   help="a run folder, a folder of runs (searched for results.json and eval-*.json), a results "
+                        "file (results.json, or one written by dist-robust eval), or a comparison of methods "
+                        "(results/finetune.json, drawn by --plot); unreadable paths are skipped with a warning")
+    r.add_argument("--plot", metavar="DIR", default=None,
+                   help="also write PNGs into DIR: curves.png (loss, training accuracy, lr and validation "
+                        "accuracy of the runs with a log.jsonl), eps.png (accuracy against eps of the "
+                        "multi-radius eval files), scatter.png (clean against PGD-20 accuracy of a "
+                        "results/finetune.json)")
     return p
 
 
@@ -142,13 +151,8 @@ def main(argv=None) -> int:
     # the `deepspeed` launcher adds --local_rank=N unless told --no_local_rank; ranks come from the environment
     args = _parser().parse_args([a for a in argv if not a.startswith("--local_rank")])
     if args.command == "report":
-        from .report import results_table
-        try:
-            print(results_table(args.runs))
-        except (ValueError, KeyError) as e:
-            print(f"dist-robust: error: {e}", file=sys.stderr)
-            return RUN_ERROR
-        return 0
+        from .report import main as report
+        return report(args.runs, args.plot)
     if args.command == "prepare":
         return _prepare(args)
 

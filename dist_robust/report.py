@@ -1,12 +1,15 @@
-"""JSON-lines logs and results tables."""
+"""JSON-lines logs, results tables and ``dist-robust report``."""
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dist
+
+USAGE_ERROR, RUN_ERROR = 2, 1
 
 
 class JsonlLog:
@@ -34,34 +37,26 @@ def load_results(path: Path) -> dict:
         raise ValueError(f"cannot read results {p}: {e}") from None
 
 
-def train_seconds(run_dir: Path) -> float | None:
-    """Sum of the epochs' wall times in a run's log.jsonl (None when there is no log)."""
+def read_log(run_dir: Path) -> list[dict]:
+    """The records of a run's log.jsonl ([] without one). A torn line (a run still writing, or killed
+    mid-write) is skipped rather than failing the whole report."""
     log = Path(run_dir) / "log.jsonl"
     if not log.is_file():
+        return []
+    records = []
+    for line in log.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
+
+
+def train_seconds(run_dir: Path) -> float | None:
+    """Sum of the epochs' wall times in a run's log.jsonl (None when there is no log)."""
+    if not (Path(run_dir) / "log.jsonl").is_file():
         return None
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return sum(r["seconds"] for r in records if r.get("kind") == "epoch")
-
-
-def results_table(paths: list[str]) -> str:
-    """A Markdown table: one row per run (folder or results.json), clean and attack accuracies in %."""
-    rows = []
-    for p in map(Path, paths):
-        run_dir = p if p.is_dir() else p.parent
-        rows.append((run_dir, load_results(p)))
-    attacks = sorted({a for _, r in rows for a in r["attacks"]}, key=lambda a: (len(a), a))
-    head = ["run", "source", "method", "dataset", "n", "clean"] + attacks + ["train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run_dir, r in rows:
-        cfg = r.get("config", {})
-        source = cfg.get("model", {}).get("init_from")
-        seconds = train_seconds(run_dir)
-        cells = [run_dir.name, Path(source).name if source else "scratch", cfg.get("method", {}).get("name", "?"),
-                 r["dataset"], str(r["n"]), f"{100 * r['clean']['acc']:.2f}"]
-        cells += [f"{100 * r['attacks'][a]['acc']:.2f}" if a in r["attacks"] else "-" for a in attacks]
-        cells.append(f"{seconds:.0f}" if seconds is not None else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return sum(r.get("seconds", 0.0) for r in read_log(run_dir) if r.get("kind") == "epoch")
 
 
 def progress(iterable, total, desc):
@@ -70,3 +65,185 @@ def progress(iterable, total, desc):
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
     return iterable
+
+
+# ---------------------------------------------------------------- finding the files
+
+@dataclass
+class Found:
+    """What the paths given to ``report`` hold."""
+    results: list[tuple[Path, dict]] = field(default_factory=list)      # results files (training or eval)
+    comparisons: list[tuple[Path, dict]] = field(default_factory=list)  # results/finetune.json-like files
+    run_dirs: list[Path] = field(default_factory=list)                  # folders with a log.jsonl (curves)
+    skipped: list[str] = field(default_factory=list)                    # one line per path not used
+
+
+def _search(folder: Path) -> list[Path]:
+    """A run folder's results.json; in a folder of runs, every results.json and eval-*.json below it."""
+    if (folder / "results.json").is_file():
+        return [folder / "results.json"]
+    found = [p for pattern in ("results.json", "eval-*.json") for p in folder.rglob(pattern) if p.is_file()]
+    return sorted(set(found))
+
+
+def collect(paths: list[str]) -> Found:
+    found, seen = Found(), set()
+    for given in map(Path, paths):
+        if given.is_dir():
+            files = _search(given)
+            if (given / "log.jsonl").is_file():  # curves even before (or without) results.json
+                found.run_dirs.append(given)
+            if not files and given not in found.run_dirs:
+                found.skipped.append(f"{given}: no results.json or eval-*.json in or below it")
+        elif given.is_file():
+            files = [given]
+        else:
+            found.skipped.append(f"{given}: no such file or folder")
+            continue
+        for f in files:
+            if f.resolve() in seen:
+                continue
+            seen.add(f.resolve())
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                found.skipped.append(f"{f}: cannot read it ({e})")
+                continue
+            if isinstance(data, dict) and isinstance(data.get("runs"), dict):
+                found.comparisons.append((f, data))
+            elif isinstance(data, dict) and any(k in data for k in ("clean", "attacks", "radii")):
+                found.results.append((f, data))
+                if is_training(f, data) and (f.parent / "log.jsonl").is_file() and f.parent not in found.run_dirs:
+                    found.run_dirs.append(f.parent)
+            else:
+                found.skipped.append(f"{f}: not a results file (no clean, attacks or radii key)")
+    return found
+
+
+# ---------------------------------------------------------------- the table
+
+def is_training(path: Path, r: dict) -> bool:
+    """results.json written by training names the model.json of its own folder; anything else (an
+    eval-*.json, a --out file) is a standalone evaluation of the checkpoint it names."""
+    checkpoint = Path(r.get("checkpoint") or path.parent / "model.json")
+    own = checkpoint.name == "model.json" and checkpoint.parent.name == path.parent.name
+    return path.name == "results.json" and own
+
+
+def model_name(path: str) -> str:
+    """A short name of a model: its run folder, plus the file for an epoch or step checkpoint."""
+    p = Path(path)
+    stem = p.stem if p.suffix in (".json", ".safetensors", ".pt", ".pth") else p.name
+    if p.parent.name == "checkpoints":
+        return f"{p.parent.parent.name}/{stem}"
+    return p.parent.name if stem == "model" and p.parent.name else stem
+
+
+def format_eps(eps) -> str:
+    """0.1 stays 0.1; 8/255 reads 8/255, not 0.03137."""
+    if not isinstance(eps, (int, float)):
+        return "-" if eps is None else str(eps)
+    short = f"{eps:.4g}"
+    if abs(float(short) - eps) < 1e-12:
+        return short
+    k = round(eps * 255)
+    return f"{k}/255" if abs(eps * 255 - k) < 1e-9 else short
+
+
+def radii(r: dict) -> list[tuple[float | None, str | None, dict[str, float | None]]]:
+    """(eps, norm, {attack: accuracy}) for each radius of a results file: one per entry of a multi-radius
+    eval's ``radii``, else its attacks grouped by their eps (a single group in files written today)."""
+    cfg = r.get("config", {})
+    default_norm = r.get("norm") or cfg.get("eval", {}).get("norm") or cfg.get("attack", {}).get("norm")
+    if isinstance(r.get("radii"), list):
+        groups = [(x.get("eps"), x.get("attacks", {})) for x in r["radii"]]
+    else:
+        by_eps: dict = {}
+        for name, a in r.get("attacks", {}).items():
+            by_eps.setdefault(a.get("eps"), {})[name] = a
+        groups = list(by_eps.items())
+    rows = []
+    for eps, attacks in groups:
+        norms = {a.get("norm") for a in attacks.values()} - {None}
+        norm = norms.pop() if len(norms) == 1 else default_norm
+        rows.append((eps, norm, {name: a.get("acc") for name, a in attacks.items()}))
+    return rows or [(None, default_norm, {})]
+
+
+def _percent(acc) -> str:
+    return f"{100 * acc:.2f}" if isinstance(acc, (int, float)) else "-"
+
+
+def _row_labels(path: Path, r: dict) -> tuple[str, str, str]:
+    """(run, source, train seconds) of a results file."""
+    if is_training(path, r):
+        source = r.get("config", {}).get("model", {}).get("init_from")
+        seconds = train_seconds(path.parent)
+        return path.parent.name, model_name(source) if source else "scratch", \
+            f"{seconds:.0f}" if seconds is not None else "-"
+    # An evaluation's config has init_from cleared (the checkpoint is the model): name what was evaluated.
+    evaluated = model_name(r["checkpoint"]) if r.get("checkpoint") else "?"
+    return f"{path.parent.name}/{path.name}", f"eval of {evaluated}", "-"
+
+
+def results_table(results: list[tuple[Path, dict]]) -> str:
+    """A Markdown table: one row per results file and radius, clean and attack accuracies in %."""
+    rows = []
+    for path, r in results:
+        run, source, seconds = _row_labels(path, r)
+        cfg = r.get("config", {})
+        dataset = r.get("dataset", "?") + (f"/{r['split']}" if r.get("split") not in (None, "test") else "")
+        for eps, norm, accs in radii(r):
+            rows.append({"run": run, "source": source, "method": cfg.get("method", {}).get("name", "?"),
+                         "dataset": dataset, "n": str(r.get("n", "?")), "norm": norm or "-", "eps": format_eps(eps),
+                         "clean": _percent(r.get("clean", {}).get("acc")), "accs": accs, "seconds": seconds})
+    attacks = sorted({a for row in rows for a in row["accs"]}, key=lambda a: (len(a), a))
+    mixed_norms = len({row["norm"] for row in rows} - {"-"}) > 1
+    keys = ["run", "source", "method", "dataset", "n"] + (["norm"] if mixed_norms else []) + ["eps", "clean"]
+    head = keys + attacks + ["train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row[k] for k in keys] + [_percent(row["accs"].get(a)) for a in attacks] + [row["seconds"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- dist-robust report
+
+def main(paths: list[str], plot_dir: str | None = None) -> int:
+    """Print the table of every readable results file (a warning on stderr for each path skipped) and,
+    with ``plot_dir``, write the plots there. Exit status 1 only when nothing at all could be used."""
+    if plot_dir is not None and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
+        print(f"dist-robust: error: --plot={plot_dir}: not a folder", file=sys.stderr)
+        return USAGE_ERROR
+    found = collect(paths)
+    if plot_dir is None:
+        found.skipped += [f"{p}: a comparison of methods: only --plot DIR draws it (scatter.png)"
+                          for p, _ in found.comparisons]
+    for line in found.skipped:
+        print(f"dist-robust: warning: skipped {line}", file=sys.stderr)
+    usable = found.results or (plot_dir is not None and (found.comparisons or found.run_dirs))
+    if not usable:
+        print("dist-robust: error: nothing to report: no readable results.json or eval-*.json"
+              + (", log.jsonl or comparison file" if plot_dir is not None else "") + " among the paths",
+              file=sys.stderr)
+        return RUN_ERROR
+    if found.results:
+        print(results_table(found.results))
+    if plot_dir is None:
+        return 0
+    try:
+        from .plots import write_plots
+        written = write_plots(found, Path(plot_dir))
+    except ImportError as e:
+        print(f"dist-robust: error: --plot needs matplotlib (pip install matplotlib): {e}", file=sys.stderr)
+        return RUN_ERROR
+    except OSError as e:
+        print(f"dist-robust: error: --plot={plot_dir}: {e}", file=sys.stderr)
+        return RUN_ERROR
+    if not written:
+        print("dist-robust: warning: --plot: nothing to plot (no run with a log.jsonl, multi-radius eval or "
+              "comparison file among the paths)", file=sys.stderr)
+    for p in written:
+        print(p)
+    return 0
