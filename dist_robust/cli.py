@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from . import dist
-from .config import ConfigError, from_dict, load_stages, validate
+from .config import ConfigError, from_dict, load_stages, parse_fraction, validate
 from .preflight import check_run, preflight
 
 USAGE_ERROR, RUN_ERROR = 2, 1
@@ -27,14 +28,21 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train or fine-tune with a recipe, then evaluate")
     t.add_argument("config", help="YAML recipe (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="section.key=value")
-    e = sub.add_parser("eval", help="evaluate a checkpoint: clean and PGD accuracy, exact over ranks")
-    e.add_argument("--checkpoint", required=True, help="model .safetensors, its .json sidecar, or a run folder")
+    e = sub.add_parser("eval", help="evaluate a checkpoint or any timm/torchvision model: clean and robust "
+                       "accuracy, exact over ranks")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="model .safetensors, its .json sidecar, or a run folder")
+    what.add_argument("--model", help="timm:ARCH or torchvision:ARCH, with --weights (and --normalize)")
+    e.add_argument("--weights", help="--model's weights: .safetensors, or .pth/.pt (read with weights_only)")
+    e.add_argument("--normalize", default=None, help="--model's input normalisation: imagenet, cifar10, "
+                   "dataset (the dataset's own statistics) or MEAN,MEAN,MEAN/STD,STD,STD (default: imagenet)")
     e.add_argument("--dataset", required=True)
     e.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="val: the training images the run held out (data.holdout)")
     e.add_argument("--limit", "--n-ex", type=int, default=None, help="evaluate the first N points")
     e.add_argument("--attacks", default="clean,pgd-20", help="comma-separated: clean, pgd-K, cw-K, aa (standard AutoAttack), aa-plus, aa-rand")
-    e.add_argument("--eps", type=float, default=None, help="radius (default: the checkpoint's attack.eps)")
+    e.add_argument("--eps", default=None, help="radius, 8/255 or 0.0314; a list (0.05,0.1,0.2) evaluates each, "
+                   "into one results file (default: the checkpoint's attack.eps; required with --model)")
     e.add_argument("--norm", default=None, choices=["Linf", "L2"], help="default: the checkpoint's attack.norm")
     e.add_argument("--restarts", type=int, default=1, help="pgd-K / cw-K: worst case over this many starts")
     e.add_argument("--compile", default=None, choices=["on", "off", "auto"], help="fused PGD step")
@@ -69,13 +77,66 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# The eval command's flags and the config keys they set: a mistake is reported under the flag the user typed.
+EVAL_FLAGS = {"data.name": "--dataset", "data.root": "--root", "data.eval_batch_size": "--batch-size",
+              "eval.split": "--split", "eval.limit": "--limit", "eval.attacks": "--attacks", "eval.eps": "--eps",
+              "eval.norm": "--norm", "eval.restarts": "--restarts", "eval.precision": "--precision",
+              "eval.aa_block_size": "--aa-block-size", "eval.seed": "--seed", "attack.compile": "--compile",
+              "model.name": "--model", "model.weights": "--weights", "model.normalize": "--normalize"}
+
+
+def _flag_names(message: str) -> str:
+    for key, flag in EVAL_FLAGS.items():
+        message = re.sub(rf"(?<![\w.]){re.escape(key)}\b", flag, message)
+    return message
+
+
+def _radii(text: str | None) -> list[float] | None:
+    """--eps: one radius or a comma-separated list, each a number or a fraction such as 8/255."""
+    if text is None:
+        return None
+    radii = [parse_fraction(t.strip()) for t in text.split(",") if t.strip()]
+    for r in radii:
+        if isinstance(r, str):
+            try:
+                float(r)
+            except ValueError:
+                raise ConfigError(f"--eps={text}: each radius must be a number or a fraction such as 8/255") from None
+    radii = [float(r) for r in radii]
+    if not radii or len(set(radii)) != len(radii):
+        raise ConfigError(f"--eps={text}: one radius, or a list of different radii")
+    return radii
+
+
 def _eval_config(args):
-    """The checkpoint's stored config, with the evaluation settings of the command line."""
+    """The run config of an evaluation, with the command line's settings; config mistakes name the flag."""
+    try:
+        return _eval_settings(args)
+    except ConfigError as e:
+        raise ConfigError(_flag_names(str(e))) from None
+
+
+def _model_config(args):
+    """``--model``: a default config around an external model and its weights file."""
+    from .config import Config
+    if not args.weights:
+        raise ConfigError(f"--model={args.model}: give its weights with --weights (nothing is downloaded)")
+    if args.eps is None:
+        raise ConfigError(f"--model={args.model}: give the radius with --eps (e.g. --eps 8/255)")
+    cfg = Config()
+    cfg.model.name, cfg.model.weights = args.model, args.weights
+    cfg.model.normalize = "imagenet" if args.normalize is None else args.normalize
+    return cfg
+
+
+def _eval_settings(args):
     from .checkpoint import read_sidecar, resolve
     from .methods import METHODS
-    sidecar = resolve(args.checkpoint)
-    cfg = from_dict(read_sidecar(sidecar)["config"])
-    if METHODS[cfg.method.name].pretext:
+    if args.model is None and (args.weights or args.normalize):
+        raise ConfigError("--weights and --normalize go with --model (a checkpoint carries its own)")
+    sidecar = resolve(args.checkpoint) if args.checkpoint else None
+    cfg = from_dict(read_sidecar(sidecar)["config"]) if sidecar else _model_config(args)
+    if sidecar and METHODS[cfg.method.name].pretext:
         run = sidecar.parent.parent if sidecar.parent.name == "checkpoints" else sidecar.parent
         raise ConfigError(f"{sidecar} is a pretext model ({cfg.method.name}): its head predicts the pretext task, "
                           f"not classes; fine-tune it (model.init_from={run / 'model.json'}) and evaluate that run")
@@ -83,7 +144,8 @@ def _eval_config(args):
     cfg.model.init_from = None
     cfg.eval.split, cfg.eval.limit, cfg.eval.seed = args.split, args.limit, args.seed
     cfg.eval.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    cfg.eval.eps, cfg.eval.norm, cfg.eval.restarts = args.eps, args.norm, args.restarts
+    radii = _radii(args.eps)
+    cfg.eval.eps, cfg.eval.norm, cfg.eval.restarts = radii[0] if radii else None, args.norm, args.restarts
     if args.compile is not None:
         cfg.attack.compile = args.compile
     if args.precision is not None:
@@ -93,7 +155,15 @@ def _eval_config(args):
     if args.aa_block_size is not None:
         cfg.eval.aa_block_size = args.aa_block_size
     validate(cfg, training=False)
+    for r in radii or ():  # each radius checked; the config records the first
+        cfg.eval.eps = r
+        validate(cfg, training=False)
+    cfg.eval.eps = radii[0] if radii else None
     check_run(cfg, training=False)
+    if sidecar is None:  # an external model: its weights name the results file
+        weights = Path(args.weights)
+        out = Path(args.out) if args.out else weights.with_name(f"eval-{weights.stem}-{args.dataset}-{args.split}.json")
+        return cfg, None, out, radii
     from .data import dataset_info
     from .checkpoint import model_header
     from .models import head_classes
@@ -107,13 +177,19 @@ def _eval_config(args):
     # Epoch and step checkpoints share a folder: each gets its own results (and AutoAttack state).
     suffix = "" if sidecar.stem == "model" else f"-{sidecar.stem}"
     out = Path(args.out) if args.out else sidecar.parent / f"eval-{args.dataset}-{args.split}{suffix}.json"
-    return cfg, sidecar, out
+    return cfg, sidecar, out, radii
 
 
-def _run_eval(cfg, sidecar, out, device):
-    from .engine.train import exported_model
+def _run_eval(cfg, sidecar, out, radii, device):
     from .evaluate import evaluate_run
-    return evaluate_run(cfg, exported_model(sidecar, device), device, checkpoint=str(sidecar), out=out)
+    if sidecar is None:
+        from .data import dataset_info
+        from .models.external import load_external
+        info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+        model = load_external(cfg.model.name, cfg.model.weights, cfg.model.normalize, info.channels).to(device)
+        return evaluate_run(cfg, model, device, checkpoint=cfg.model.weights, out=out, radii=radii)
+    from .engine.train import exported_model
+    return evaluate_run(cfg, exported_model(sidecar, device), device, checkpoint=str(sidecar), out=out, radii=radii)
 
 
 def _prepare(args) -> int:
@@ -168,7 +244,7 @@ def main(argv=None) -> int:
         else:
             if args.limit is not None and args.limit <= 0:
                 raise ConfigError(f"--limit={args.limit}: must be > 0")
-            cfg, sidecar, out = _eval_config(args)
+            cfg, sidecar, out, radii = _eval_config(args)
     except (ConfigError, CheckpointError) as e:
         if env.rank == 0:
             say(e)
@@ -187,7 +263,7 @@ def main(argv=None) -> int:
             else:
                 run_stages(stages, device)
         else:
-            _run_eval(cfg, sidecar, out, device)
+            _run_eval(cfg, sidecar, out, radii, device)
     except (CheckpointError, OSError, ValueError, FloatingPointError) as e:  # OSError: a full disk, say
         say(e)
         dist.cleanup()

@@ -52,11 +52,26 @@ def check_run(cfg: Config, world_size: int = 1, training: bool = True, pending: 
     if cfg.stage.kind in STAGE_KINDS:
         sources += [(f"stage.{k}", getattr(cfg.stage, k)) for k in STAGE_KINDS[cfg.stage.kind].sources]
     for key, path in sources:
-        check(path is None or Path(path).exists() or path in pending, key, path, "no such file or folder")
+        if path is not None and not Path(path).exists() and path not in pending:
+            raise ConfigError(f"{key}={path!r}: no such file or folder{_made_by(path)}")
         if path is not None and path not in pending:
             _check_source(cfg, key, path, source.info if not source.info.needs_root else None)
     _check_external(cfg)
     _check_run_folder(cfg)
+
+
+def _made_by(path: str) -> str:
+    """'; configs/X.yaml trains it: run that first' when a recipe in configs/ writes the missing run folder
+    ``path`` (the fine-tuning recipes start from a source that another recipe makes)."""
+    target = Path(path).resolve()
+    for recipe in sorted(Path("configs").rglob("*.yaml")):
+        try:
+            run = (yaml.safe_load(recipe.read_text()) or {}).get("run") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(run, dict) and (Path(run.get("out_dir", "runs")) / str(run.get("name", "run"))).resolve() == target:
+            return f"; {recipe} trains it: run `dist-robust train {recipe}` first"
+    return ""
 
 
 def _check_external(cfg: Config) -> None:

@@ -196,3 +196,22 @@ def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="its head has 10 classes, the data 7"):
         build_model("timm:test_resnet", 3, 7, [0.5], [0.25], weights=ten, new_head=False)
     assert build_model("timm:test_resnet", 3, 7, [0.5], [0.25], weights=ten).head.out_features == 7
+
+
+def test_eval_of_a_timm_network_from_its_weights_file_equals_evaluate_model(tmp_path, capsys):
+    """`dist-robust eval --model timm:ARCH --weights W --normalize ... --eps 8/255,16/255`: one results file
+    with an entry per radius, the counts evaluate_model gives on the same network."""
+    from dist_robust import evaluate_model
+    net = _library_net("timm:test_resnet", num_classes=10, in_chans=1)
+    weights = _save(net, tmp_path / "net.safetensors")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "timm:test_resnet", "--weights", weights, "--normalize", "0.5/0.25",
+                 "--dataset", "digits", "--attacks", "clean,pgd-3", "--eps", "8/255,16/255", "--limit", "60",
+                 "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [r["eps"] for r in results["radii"]] == [8 / 255, 16 / 255] and results["n"] == 60
+    model = load_external("timm:test_resnet", weights, "0.5/0.25", 1)
+    for radius in results["radii"]:
+        api = evaluate_model(model, "digits", ["clean", "pgd-3"], eps=radius["eps"], limit=60)
+        assert api["clean"]["correct"] == results["clean"]["correct"]
+        assert api["attacks"]["pgd-3"]["correct"] == radius["attacks"]["pgd-3"]["correct"]

@@ -19,7 +19,7 @@ from torch import nn
 from ..utils import autocast
 from .steps import ascend, attack_loss
 
-# compile=auto: measured by bench/attacks.py (see the README). On the 2-core CPU here the fused step ran
+# compile=auto: measured by bench/attacks.py (see docs/evaluation.md). On the 2-core CPU here the fused step ran
 # at 0.71-0.87x the eager time (cnn3, widths 32/64, batches 64/256), but its first compilation costs
 # 20-25 s per process, repaid after ~200 (large model and batch) to ~3,500 (the demo's) steps; auto
 # therefore compiles on CUDA and stays eager on the CPU, where compile=on is for long runs.

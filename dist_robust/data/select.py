@@ -8,7 +8,7 @@ All three give the same batches (same order, same augmentation; bitwise for memo
 FFCV raw), so a result does not depend on the loader. ``auto`` picks ffcv where a prepared .beton
 of the run's training split exists and either its images are at least ``FFCV_MIN_SIZE`` pixels wide
 or its decoded split would take more than ``FFCV_MIN_BYTES`` of memory on every rank; memory
-otherwise (the reasons are bench/loaders.py's figures, in the README).
+otherwise (the reasons are bench/loaders.py's figures, in docs/data.md).
 """
 from __future__ import annotations
 

@@ -42,9 +42,10 @@ class TwinsConfig(MethodConfig):
         check(m.trainable != "head", "model.trainable", m.trainable,
               "TWINS needs BN layers in the tuned part (linear probing has none)")
         # training only: an evaluation rebuilds a trained TWINS model from its checkpoint, with no source
-        check(not training or m.init_from is not None, "model.init_from", m.init_from,
+        check(not training or m.init_from is not None or m.weights is not None, "model.init_from", m.init_from,
               f"method.name={self.name} fine-tunes a source model: without one its frozen BN wing would hold "
-              "freshly initialised statistics (model.init_from names the source)")
+              "freshly initialised statistics (model.init_from or, for timm:/torchvision: models, model.weights "
+              "names the source)")
 
 
 @dataclass
