@@ -9,7 +9,6 @@ from pathlib import Path
 
 from . import dist
 
-USAGE_ERROR, RUN_ERROR = 2, 1
 
 
 class JsonlLog:
@@ -206,44 +205,3 @@ def results_table(results: list[tuple[Path, dict]]) -> str:
         cells = [row[k] for k in keys] + [_percent(row["accs"].get(a)) for a in attacks] + [row["seconds"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- dist-robust report
-
-def main(paths: list[str], plot_dir: str | None = None) -> int:
-    """Print the table of every readable results file (a warning on stderr for each path skipped) and,
-    with ``plot_dir``, write the plots there. Exit status 1 only when nothing at all could be used."""
-    if plot_dir is not None and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
-        print(f"dist-robust: error: --plot={plot_dir}: not a folder", file=sys.stderr)
-        return USAGE_ERROR
-    found = collect(paths)
-    if plot_dir is None:
-        found.skipped += [f"{p}: a comparison of methods: only --plot DIR draws it (scatter.png)"
-                          for p, _ in found.comparisons]
-    for line in found.skipped:
-        print(f"dist-robust: warning: skipped {line}", file=sys.stderr)
-    usable = found.results or (plot_dir is not None and (found.comparisons or found.run_dirs))
-    if not usable:
-        print("dist-robust: error: nothing to report: no readable results.json or eval-*.json"
-              + (", log.jsonl or comparison file" if plot_dir is not None else "") + " among the paths",
-              file=sys.stderr)
-        return RUN_ERROR
-    if found.results:
-        print(results_table(found.results))
-    if plot_dir is None:
-        return 0
-    try:
-        from .plots import write_plots
-        written = write_plots(found, Path(plot_dir))
-    except ImportError as e:
-        print(f"dist-robust: error: --plot needs matplotlib (pip install matplotlib): {e}", file=sys.stderr)
-        return RUN_ERROR
-    except OSError as e:
-        print(f"dist-robust: error: --plot={plot_dir}: {e}", file=sys.stderr)
-        return RUN_ERROR
-    if not written:
-        print("dist-robust: warning: --plot: nothing to plot (no run with a log.jsonl, multi-radius eval or "
-              "comparison file among the paths)", file=sys.stderr)
-    for p in written:
-        print(p)
-    return 0

@@ -11,11 +11,11 @@ FLOORS = [
     {"utils"},                                     # files, seeding, sharding: nothing of the project
     {"dist", "schedules"},                         # process group, learning rates
     {"models", "data", "attacks", "checkpoint", "report"},
-    {"evaluate"},                                  # exact sharded evaluation of a model
+    {"evaluate", "tensorboard", "plots"},          # exact sharded evaluation; the run's journal; pictures
     {"methods"},
     {"config"},
     {"preflight"},                                 # what a config needs of this machine
-    {"engine"},
+    {"engine", "api"},                             # the training loop; evaluate_model
     {"cli"},
     {"__main__"},
 ]
