@@ -10,7 +10,6 @@ from pathlib import Path
 from . import dist
 
 
-
 class JsonlLog:
     """Appends one JSON object per line, with wall and relative time. A None path writes nothing
     (the other ranks)."""
