@@ -573,6 +573,10 @@ def _selection(cfg: Config) -> None:
     e, t = cfg.eval, cfg.train
     check(not e.every or cfg.data.holdout > 0, "eval.every", e.every,
           "validates on the held-out val split: set data.holdout (never select on the test split)")
+    check(not e.every or cfg.stage.kind == "train", "eval.every", e.every,
+          f"validates the epochs of the training loop: a {cfg.stage.kind} stage has none")
+    check(not e.every or not METHODS[cfg.method.name].pretext, "eval.every", e.every,
+          f"validates a classifier: {cfg.method.name}'s head predicts its pretext task")
     check(not t.keep_best or e.every, "train.keep_best", True, "chooses by validation: set eval.every > 0")
     check(e.final == "last" or t.keep_best, "eval.final", e.final, "best needs train.keep_best=true")
     check(e.final == "last" or e.split != "val", "eval.final", e.final,

@@ -84,6 +84,7 @@ MISTAKES = [
     (["train", RECIPE, "data.holdout=100", "eval.every=1", "eval.final=best"], {}, "train.keep_best=true"),
     (["train", RECIPE, "data.holdout=100", "eval.every=1", "train.keep_best=true", "eval.final=best",
       "eval.split=val"], {}, "chosen on"),
+    (["train", RECIPE, "data.holdout=100", "eval.every=1", "method.name=adv_rotation"], {}, "pretext task"),
     (["train", RECIPE, "train.lr=0.1"], {}, "did you mean optim.lr?"),
 ]
 
