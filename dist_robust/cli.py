@@ -186,7 +186,8 @@ def _run_eval(cfg, sidecar, out, radii, device):
         from .data import dataset_info
         from .models.external import load_external
         info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
-        model = load_external(cfg.model.name, cfg.model.weights, cfg.model.normalize, info.channels).to(device)
+        model = load_external(cfg.model.name, cfg.model.weights, cfg.model.normalize, info.channels,
+                              info.mean, info.std).to(device)
         return evaluate_run(cfg, model, device, checkpoint=cfg.model.weights, out=out, radii=radii)
     from .engine.train import exported_model
     return evaluate_run(cfg, exported_model(sidecar, device), device, checkpoint=str(sidecar), out=out, radii=radii)

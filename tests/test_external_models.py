@@ -215,3 +215,9 @@ def test_eval_of_a_timm_network_from_its_weights_file_equals_evaluate_model(tmp_
         api = evaluate_model(model, "digits", ["clean", "pgd-3"], eps=radius["eps"], limit=60)
         assert api["clean"]["correct"] == results["clean"]["correct"]
         assert api["attacks"]["pgd-3"]["correct"] == radius["attacks"]["pgd-3"]["correct"]
+
+
+def test_twins_on_a_network_without_bn_is_refused_in_one_line():
+    model = build_model("timm:vit_tiny_patch16_224", 3, 10, IMAGENET[0], IMAGENET[1])
+    with pytest.raises(ValueError, match="needs BN layers in the tuned part; this model has none"):
+        configure_finetuning(model, "all", 1, "freeze_all", "dual", [])

@@ -90,6 +90,8 @@ def configure_finetuning(model: nn.Module, trainable: str = "all", last_k: int =
         if id(bn) not in tuned_bns:
             _apply_policy(bn, frozen_bn)
     if tuned_bn == "dual":
+        if not tuned_bns:  # a network without BN (a ViT, a ConvNeXt): there would be no wings to train
+            raise ValueError("model.tuned_bn=dual (TWINS) needs BN layers in the tuned part; this model has none")
         to_dual_bn(model, select=tuned_bns)
     else:
         for bn in _bn_layers(model):
