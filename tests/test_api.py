@@ -39,6 +39,7 @@ def one_rank():
     return results
 
 
+@pytest.mark.multiproc
 def test_two_ranks_give_the_counts_of_one(one_rank, tmp_path):
     run_ranks(_on_ranks, 2, str(tmp_path))
     expected = _counts(one_rank)
@@ -72,6 +73,7 @@ def test_bad_arguments_fail_in_one_line(kwargs, names):
     assert names in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.multiproc
 def test_the_readme_example_runs(tmp_path):
     """The README's Python example, as written (marked by an HTML comment before its code block)."""
     import subprocess

@@ -103,6 +103,7 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line_and_never_runs(tmp_
     assert not marker.exists(), "the pickle's code ran"
 
 
+@pytest.mark.multiproc  # the CLI in a subprocess
 def test_fine_tuning_a_timm_network_trains_exports_and_evaluates_through_the_cli(tmp_path, capsys):
     weights = _save(_library_net("timm:test_resnet", num_classes=1000), tmp_path / "in1k.safetensors")
     args = ["train", "configs/quickstart.yaml", *TINY, "model.name=timm:test_resnet", f"model.weights={weights}",

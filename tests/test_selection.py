@@ -11,6 +11,8 @@ import torch
 
 from conftest import ENV, QUICKSTART, ROOT, TINY, run_cases, same_weights
 
+pytestmark = pytest.mark.multiproc  # rank groups and the CLI in a subprocess
+
 EPOCHS = 5
 BASE = [*TINY, "data.subset=256", "data.holdout=150", f"train.epochs={EPOCHS}", "optim.lr=0.2",
         "optim.milestones=[4]", "eval.select_attack=pgd-2"]
