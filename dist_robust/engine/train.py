@@ -397,18 +397,18 @@ def export_and_evaluate(run: Run, device: torch.device) -> dict | None:
     eval.final=best the model is the best validated epoch's (checkpoints/model_best)."""
     cfg = run.cfg
     exported = _exported(run.model, run.method)
-    epoch = cfg.train.epochs
+    epoch, step = cfg.train.epochs, run.step
     best = run.selection.get("best")
     if cfg.eval.final == "best" and best and best["epoch"] != epoch:
         state, _ = load_checkpoint(run.folder / "checkpoints" / "model_best.json")
         exported.load_state_dict(state)
-        epoch = best["epoch"]
+        epoch, step = best["epoch"], best["step"]
         if dist.is_main():
             log.info("eval.final=best: the model of epoch %d (val %s %.4f; last epoch %.4f)", epoch,
                      cfg.eval.select_attack, best["acc"], run.selection["last"]["acc"])
     if dist.is_main():
         save_checkpoint(run.folder, "model", exported.state_dict(),
-                        dict(config=cfg.to_dict(), epoch=epoch, step=run.step))
+                        dict(config=cfg.to_dict(), epoch=epoch, step=step))
     dist.barrier()
     if not cfg.eval.at_end:
         return None
