@@ -276,6 +276,7 @@ def main(argv=None) -> int:
     say = lambda msg: print(f"dist-robust: error: {msg}" if env.rank == 0 else
                             f"dist-robust [rank {env.rank}]: error: {msg}", file=sys.stderr)
     from .checkpoint import CheckpointError
+    from .engine.preempt import Stopped
     try:  # every user mistake is caught here, before the process group exists
         if args.command == "train":
             stages = load_stages(args.config, args.overrides)
@@ -304,6 +305,11 @@ def main(argv=None) -> int:
                 run_stages(stages, device)
         else:
             _run_eval(cfg, sidecar, out, radii, device)
+    except Stopped as e:  # a stop signal, honoured by every rank at one step: its checkpoint is written
+        if env.rank == 0:
+            print(f"dist-robust: {e}", file=sys.stderr)
+        dist.cleanup(finished=True)
+        return e.status
     except (CheckpointError, OSError, ValueError, FloatingPointError) as e:  # OSError: a full disk, say
         say(e)
         dist.cleanup()

@@ -36,6 +36,7 @@ from ..checkpoint import (CheckpointError, last_good, load_checkpoint, load_opti
                          load_rank_buffers, prune_epoch_checkpoints, read_sidecar, remove_step_checkpoints,
                          rng_state, save_checkpoint, set_rng_state)
 from ..evaluate import eval_attack_opts, eval_radius, evaluate, evaluate_run
+from .preempt import StopSignals, Stopped
 from ..report import progress
 
 log = logging.getLogger("dist_robust")
@@ -97,12 +98,15 @@ def exported_model(sidecar: Path, device: torch.device) -> torch.nn.Module:
     return export_plain(method.export(model))
 
 
-def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
-    """The ranks whose loss is NaN or infinite, known to every rank (one all_reduce of a flag per rank):
-    a rank that stopped alone would leave the others waiting in DDP's all_reduce until the timeout."""
-    flags = torch.zeros(dist.world_size(), device=loss.device)
-    flags[dist.rank()] = (~torch.isfinite(loss.detach())).float()
-    return [r for r, f in enumerate(dist.all_reduce_sum(flags).tolist()) if f]
+def step_flags(loss: torch.Tensor, signalled: int | None) -> tuple[list[int], int | None]:
+    """(the ranks whose loss is NaN or infinite, the stop signal a rank received or None), known to every
+    rank from one all_reduce of two flags per rank: a rank that stopped alone would leave the others
+    waiting in DDP's all_reduce until the timeout."""
+    flags = torch.zeros(2, dist.world_size(), device=loss.device)
+    flags[0, dist.rank()] = (~torch.isfinite(loss.detach())).float()
+    flags[1, dist.rank()] = signalled or 0
+    nonfinite, signals = dist.all_reduce_sum(flags).tolist()
+    return [r for r, f in enumerate(nonfinite) if f], int(max(signals)) or None
 
 
 class DDPTrainer:
@@ -217,6 +221,8 @@ class Run:
     start_batch: int = 0
     resumed_totals: dict | list | None = None
     selection: dict = field(default_factory=dict)  # validation: {"best": {epoch, acc, ...}, "last": {...}}
+    signals: StopSignals = field(default_factory=StopSignals)  # SIGTERM / SIGINT noted during the loop
+    stop: int | None = None         # the stop signal every rank honours at the end of this epoch
     val_set: object = None          # the held-out split, loaded at the first validation
 
     @property
@@ -311,7 +317,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(cfg.train.precision, x.device.type):  # fp32: off (attacks set their own precision)
             loss, metrics = run.method.loss(run.trainer.model, x, y)
-        bad = nonfinite_ranks(loss)
+        bad, run.stop = step_flags(loss, run.signals.received)
         if bad:
             raise FloatingPointError(f"non-finite loss at step {run.step + 1} (epoch {epoch + 1}) on rank(s) "
                                      f"{', '.join(map(str, bad))}: stopped before the update, no checkpoint "
@@ -328,9 +334,11 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             run.journal.write(kind="step", epoch=epoch + 1, step=run.step, lr=lr, loss=loss.item(), **rates)
             t_logged, at_logged = now, dict(totals)
         every = cfg.train.checkpoint_every
-        if every and run.step % every == 0 and batch < steps_per_epoch:
+        if ((every and run.step % every == 0) or run.stop) and batch < steps_per_epoch:
             run.save(f"step_{run.step:08d}", epoch=epoch, batch=batch, step=run.step, steps_per_epoch=steps_per_epoch,
                      totals=dist.all_gather_objects({k: float(v) for k, v in totals.items()}))
+            if run.stop:  # at the epoch's last batch the epoch's own checkpoint comes first (train())
+                raise Stopped(run.stop, f"at step {run.step} (epoch {epoch + 1}, batch {batch})")
     seconds = time.perf_counter() - t0
     summary = epoch_summary(totals, seconds, float(totals["n"]) - resumed_n, epoch=epoch + 1, step=run.step, lr=lr)
     if run.trainer.scaler is not None:  # the same on every rank: not reduced
@@ -440,17 +448,21 @@ def train(cfg: Config, device: torch.device) -> dict | None:
     if results is not None:
         log.info("%s: finished earlier with this config; its results.json stands", cfg.run.name)
         return results
-    run = setup(cfg, device)
     every = cfg.eval.every
-    for epoch in range(run.start_epoch, cfg.train.epochs):
-        summary = train_one_epoch(run, epoch)
-        if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):  # and always the last
-            validate(run, epoch, device)
-        run.save(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=run.step, metrics=summary,
-                 **({"selection": run.selection} if run.selection else {}))
-        if dist.is_main():
-            remove_step_checkpoints(run.folder / "checkpoints")  # superseded by the epoch's own
-            prune_epoch_checkpoints(run.folder / "checkpoints", cfg.train.keep_checkpoints)
+    with StopSignals() as signals:  # SIGTERM / SIGINT: every rank stops at one step boundary (preempt.py)
+        run = setup(cfg, device)
+        run.signals = signals
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            summary = train_one_epoch(run, epoch)
+            if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):  # and after the last
+                validate(run, epoch, device)  # also when stopping: the resumed run would not validate this epoch
+            run.save(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=run.step, metrics=summary,
+                     **({"selection": run.selection} if run.selection else {}))
+            if dist.is_main():
+                remove_step_checkpoints(run.folder / "checkpoints")  # superseded by the epoch's own
+                prune_epoch_checkpoints(run.folder / "checkpoints", cfg.train.keep_checkpoints)
+            if run.stop:
+                raise Stopped(run.stop, f"at the end of epoch {epoch + 1} (step {run.step})")
     return export_and_evaluate(run, device)
 
 
