@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import dist
+from . import dist, lock
 from .config import ConfigError, from_dict, load_stages, parse_fraction, validate
 from .preflight import check_run, preflight
 
@@ -276,12 +276,14 @@ def main(argv=None) -> int:
     say = lambda msg: print(f"dist-robust: error: {msg}" if env.rank == 0 else
                             f"dist-robust [rank {env.rank}]: error: {msg}", file=sys.stderr)
     from .checkpoint import CheckpointError
-    from .engine.preempt import Stopped
+    held = None  # the run folder's lock (lock.py): rank 0 holds it while training
     try:  # every user mistake is caught here, before the process group exists
         if args.command == "train":
             stages = load_stages(args.config, args.overrides)
             preflight(stages, env.world_size)
             cfg = stages[0]
+            folder = Path(os.path.commonpath([Path(s.run.out_dir) / s.run.name for s in stages]))  # a pipeline's
+            held = lock.acquire(folder) if env.rank == 0 else lock.check(folder)
         else:
             if args.limit is not None and args.limit <= 0:
                 raise ConfigError(f"--limit={args.limit}: must be > 0")
@@ -291,6 +293,18 @@ def main(argv=None) -> int:
             say(e)
         return USAGE_ERROR
 
+    try:
+        return _run(args, env, cfg, stages if args.command == "train" else None,
+                    None if args.command == "train" else (sidecar, out, radii), say)
+    finally:
+        if held is not None:
+            lock.release(held)
+
+
+def _run(args, env, cfg, stages, evaluation, say) -> int:
+    """Join the process group and train or evaluate; the exit status."""
+    from .checkpoint import CheckpointError
+    from .engine.preempt import Stopped
     _set_threads(cfg.train.threads, env)
     device = dist.pick_device(cfg.run.device, env.local_rank)
     dist.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
@@ -304,7 +318,7 @@ def main(argv=None) -> int:
             else:
                 run_stages(stages, device)
         else:
-            _run_eval(cfg, sidecar, out, radii, device)
+            _run_eval(cfg, *evaluation, device)
     except Stopped as e:  # a stop signal, honoured by every rank at one step: its checkpoint is written
         if env.rank == 0:
             print(f"dist-robust: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ FLOORS = [
     {"evaluate", "tensorboard", "plots"},          # exact sharded evaluation; the run's journal; pictures
     {"methods"},
     {"config"},
-    {"preflight"},                                 # what a config needs of this machine
+    {"preflight", "lock"},                         # what a config needs of this machine; one writer per run
     {"engine", "api"},                             # the training loop; evaluate_model
     {"cli"},
     {"__main__"},
