@@ -18,6 +18,7 @@ from pathlib import Path
 from . import dist, lock
 from .config import ConfigError, from_dict, load_stages, parse_fraction, validate
 from .preflight import check_run, preflight
+from .utils import unwritable
 
 USAGE_ERROR, RUN_ERROR = 2, 1
 
@@ -116,6 +117,15 @@ def _eval_config(args):
         raise ConfigError(_flag_names(str(e))) from None
 
 
+def _writable(out: Path, args) -> Path:
+    """The results file's place, checked before any model is loaded or point attacked."""
+    why = f"{out} is a folder" if out.is_dir() else unwritable(out.parent)
+    if why:
+        flag = f"--out={args.out}" if args.out else f"the results file beside the model ({out}; choose --out)"
+        raise ConfigError(f"{flag}: {why}")
+    return out
+
+
 def _model_config(args):
     """``--model``: a default config around an external model and its weights file."""
     from .config import Config
@@ -163,7 +173,7 @@ def _eval_settings(args):
     if sidecar is None:  # an external model: its weights name the results file
         weights = Path(args.weights)
         out = Path(args.out) if args.out else weights.with_name(f"eval-{weights.stem}-{args.dataset}-{args.split}.json")
-        return cfg, None, out, radii
+        return cfg, None, _writable(out, args), radii
     from .data import dataset_info
     from .checkpoint import model_header
     from .models import head_classes
@@ -177,7 +187,7 @@ def _eval_settings(args):
     # Epoch and step checkpoints share a folder: each gets its own results (and AutoAttack state).
     suffix = "" if sidecar.stem == "model" else f"-{sidecar.stem}"
     out = Path(args.out) if args.out else sidecar.parent / f"eval-{args.dataset}-{args.split}{suffix}.json"
-    return cfg, sidecar, out, radii
+    return cfg, sidecar, _writable(out, args), radii
 
 
 def _run_eval(cfg, sidecar, out, radii, device):
@@ -205,6 +215,9 @@ def _prepare(args) -> int:
         bad = [s for s in splits if s not in ("train", "test")]
         if bad or not splits:
             raise FFCVDataError(f"--split={args.split}: each split must be train or test")
+        why = unwritable(Path(args.out))
+        if why:
+            raise FFCVDataError(f"--out={args.out}: {why}")
         for split in splits:
             path, written = prepare(args.dataset, split, args.out, args.format, args.quality, root=args.root,
                                     image_size=args.image_size, workers=args.workers or len(os.sched_getaffinity(0)))

@@ -16,7 +16,7 @@ from .config import Config
 from .data import DATASETS
 from .methods import METHODS, STAGE_KINDS
 from .models.external import normalize_stats, read_weights
-from .utils import ConfigError, check
+from .utils import ConfigError, check, unwritable
 
 
 def preflight(stages: Sequence[Config], world_size: int = 1, training: bool = True) -> None:
@@ -131,7 +131,11 @@ def _check_source(cfg: Config, key: str, path: str, info) -> None:
 def _check_run_folder(cfg: Config) -> None:
     """A run folder that already holds another run (model, data or method differ) is not resumed or
     overwritten by mistake: train.resume=never starts it over on purpose."""
-    previous = Path(cfg.run.out_dir) / cfg.run.name / "config.yaml"
+    folder = Path(cfg.run.out_dir) / cfg.run.name
+    why = unwritable(folder)
+    if why:  # found now, not after the training, when the first file is written
+        raise ConfigError(f"run.out_dir={cfg.run.out_dir!r}: {why}")
+    previous = folder / "config.yaml"
     if cfg.train.resume != "auto" or not previous.is_file():
         return
     try:

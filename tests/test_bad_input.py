@@ -33,6 +33,7 @@ def world(tmp_path):
     (run / "results.json").write_text('{"clean": {"acc": 0.9}}\n')
     (tmp_path / "empty").mkdir()
     (tmp_path / "images").mkdir()
+    (tmp_path / "blocker").write_text("a regular file where a folder would go\n")
     return {"tmp": tmp_path, "run": run,
             "resnet": _checkpoint(tmp_path / "resnet_small", "resnet_small"),
             "rgb": _checkpoint(tmp_path / "rgb", "cnn3", channels=3),
@@ -86,6 +87,12 @@ MISTAKES = [
       "eval.split=val"], {}, "chosen on"),
     (["train", RECIPE, "data.holdout=100", "eval.every=1", "method.name=adv_rotation"], {}, "pretext task"),
     (["train", RECIPE, "train.lr=0.1"], {}, "did you mean optim.lr?"),
+    # outputs that cannot be written: found before any model is loaded, not after the work
+    (["train", RECIPE, "run.out_dir={tmp}/blocker/runs"], {}, "blocker is a file, not a folder"),
+    (["eval", "--checkpoint", "{resnet}", "--dataset", "mnist", "--out", "{tmp}/blocker/r.json"], {},
+     "--out={tmp}/blocker/r.json"),
+    (["eval", "--checkpoint", "{resnet}", "--dataset", "mnist", "--out", "{tmp}/images"], {}, "images is a folder"),
+    (["prepare", "digits", "--out", "{tmp}/blocker/ffcv"], {}, "blocker is a file, not a folder"),
 ]
 
 
@@ -97,7 +104,7 @@ def test_a_mistake_exits_2_with_one_line_and_overwrites_nothing(world, args, env
     assert main([a.format(**{k: str(v) for k, v in world.items()}) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dist-robust: error:"), err
-    assert names in err, err
+    assert names.format(**{k: str(v) for k, v in world.items()}) in err, err
     assert _tree(world["tmp"]) == before
 
 
@@ -145,3 +152,24 @@ def test_a_missing_source_names_the_recipe_that_trains_it(tmp_path, monkeypatch,
     assert main(["train", "configs/pair/tune.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("configs/pair/source.yaml trains it: run `dist-robust train configs/pair/source.yaml` first")
+
+
+def test_outputs_on_a_read_only_mount_are_refused_before_any_work(tmp_path, capsys):
+    """run.out_dir and eval --out on a read-only file system: exit 2 and one line, nothing evaluated."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        checkpoint = _checkpoint(tmp_path / "model", "cnn3")
+        for args in (["train", RECIPE, f"run.out_dir={ro}/runs"],
+                     ["eval", "--checkpoint", checkpoint, "--dataset", "mnist", "--out", f"{ro}/r.json"]):
+            assert main(args) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"{ro} is on a read-only file system" in err, err
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)

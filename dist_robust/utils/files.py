@@ -26,6 +26,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written into ``folder`` (created if missing), or None: a regular file in the
+    way, a read-only file system, or a folder this process may not write."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{existing} is on a read-only file system"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
