@@ -206,12 +206,28 @@ def _step_of(sidecar: Path) -> int:
         return -1  # unreadable: tried last, where read_sidecar reports it
 
 
+def _candidates(folder: Path) -> list[Path]:
+    """The training checkpoints' sidecars in ``folder``, newest (most steps; an epoch's before a step's) first."""
+    candidates = [*Path(folder).glob("epoch_*.json"), *Path(folder).glob("step_*.json")]
+    return sorted(candidates, key=lambda p: (_step_of(p), p.name.startswith("epoch_")), reverse=True)
+
+
+def newest_sidecar(folder: Path) -> Optional[dict]:
+    """The newest training checkpoint's sidecar in ``folder``, read without checking its tensor files
+    (preflight's cheap look at where a run would resume; ``last_good`` verifies)."""
+    for sidecar in _candidates(folder):
+        try:
+            return read_sidecar(sidecar)
+        except CheckpointError:
+            continue
+    return None
+
+
 def last_good(folder: Path) -> Optional[Path]:
     """The newest training checkpoint in ``folder`` (``epoch_NNNN`` at epoch ends, ``step_NNNNNNNN``
     inside an epoch; newest = most steps) whose files pass their hashes; bad ones are reported and
     skipped, so a corrupted latest checkpoint falls back to the one before."""
-    candidates = [*Path(folder).glob("epoch_*.json"), *Path(folder).glob("step_*.json")]
-    for sidecar in sorted(candidates, key=lambda p: (_step_of(p), p.name.startswith("epoch_")), reverse=True):
+    for sidecar in _candidates(folder):
         try:
             meta = read_sidecar(sidecar)
             _read_verified(sidecar.parent, meta["model_file"], meta["sha256"]["model"])

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import yaml
 
-from .checkpoint import CheckpointError, model_header, read_sidecar, resolve
+from .checkpoint import CheckpointError, model_header, newest_sidecar, read_sidecar, resolve
 from .config import Config
 from .data import DATASETS
 from .methods import METHODS, STAGE_KINDS
@@ -58,6 +58,7 @@ def check_run(cfg: Config, world_size: int = 1, training: bool = True, pending: 
             _check_source(cfg, key, path, source.info if not source.info.needs_root else None)
     _check_external(cfg)
     _check_run_folder(cfg)
+    _check_resume(cfg, world_size)
 
 
 def _made_by(path: str) -> str:
@@ -95,6 +96,8 @@ def _check_batch(cfg: Config, world_size: int) -> None:
     d, source = cfg.data, DATASETS[cfg.data.name]
     size = source.train_size if not d.root else None  # known for packaged data (not elsewhere)
     if size:
+        check(d.subset is None or d.subset <= size - d.holdout, "data.subset", d.subset,
+              f"more than the {size - d.holdout:,} training images of {d.name}" + (" after data.holdout" if d.holdout else ""))
         usable = min(d.subset or size, size - d.holdout)
         check(usable >= d.batch_size, "data.batch_size", d.batch_size,
               f"one global batch needs that many training images; {d.name} has {usable:,} here (data.subset, "
@@ -126,6 +129,22 @@ def _check_source(cfg: Config, key: str, path: str, info) -> None:
     classes = shapes.get("head.weight", [info.num_classes])[0]
     check(cfg.model.new_head or key != "model.init_from" or classes == info.num_classes, key, path,
           f"its head has {classes} classes, {info.name} has {info.num_classes} (model.new_head=true gives a new one)")
+
+
+def _check_resume(cfg: Config, world_size: int) -> None:
+    """A run stopped inside an epoch continues only with the batch layout it was written with (each
+    rank's RNG, buffers and place in the epoch): another world size or batch is refused here, before
+    any rank starts, rather than when the ranks resume."""
+    folder = Path(cfg.run.out_dir) / cfg.run.name / "checkpoints"
+    meta = newest_sidecar(folder) if cfg.train.resume == "auto" and folder.is_dir() else None
+    if not meta or "batch" not in meta:
+        return
+    data = meta.get("config", {}).get("data", {})
+    then = (len(meta.get("rng", [])), data.get("batch_size"), data.get("subset"), data.get("holdout"))
+    now = (world_size, cfg.data.batch_size, cfg.data.subset, cfg.data.holdout)
+    check(then == now, "train.resume", "auto", f"{folder} was written inside an epoch (step {meta.get('step')}) by "
+          f"{then[0]} ranks with data.batch_size={then[1]}, subset={then[2]}, holdout={then[3]}; this launch has "
+          f"{now[0]} ranks and {now[1]}, {now[2]}, {now[3]}: resume with the same layout, or train.resume=never")
 
 
 def _check_run_folder(cfg: Config) -> None:

@@ -12,11 +12,13 @@ and without it log.jsonl is still written, after a one-line warning.
 """
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from pathlib import Path
 
 from .report import JsonlLog
+from .utils import atomic_write
 
 log = logging.getLogger("dist_robust")
 
@@ -24,9 +26,29 @@ NOT_PLOTTED = ("kind", "time", "relative_time", "epoch", "step", "n")  # the axe
 ACCURACIES = ("val", "eval")  # kinds that hold {"clean": {"acc"}, "attacks": {name: {"acc"}}}
 
 
+def forget_after(path: Path, step: int) -> None:
+    """Drop the records of ``path`` (log.jsonl) logged after ``step``: a resumed run trains those steps
+    again and logs them itself, so each step is in the log once. Records without a step stay; a torn line
+    goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (ValueError, AttributeError, TypeError):
+            pass  # a line torn by a kill while it was written: the next record would run into it
+    if len(kept) != len(lines):
+        atomic_write(path, "".join(line + "\n" for line in kept).encode())
+
+
 def scalars(record: dict) -> dict[str, float]:
     """tag -> value of one journal record (see the module's docstring)."""
     kind = record["kind"]
+    if kind == "resume":  # where a resumed run continues: the log's marker, no figure
+        return {}
     if kind in ACCURACIES:
         accs = {"clean": record["clean"]["acc"], **{k: v["acc"] for k, v in record.get("attacks", {}).items()}}
         return {f"{kind}/{k}": v for k, v in accs.items()}

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 RECIPE = "configs/quickstart.yaml"
-TINY = ["data.name=digits", "data.batch_size=64", "model.name=cnn3", "method.name=pgd_at", "attack.eps=0.1",
-        "attack.steps=2", "optim.lr=0.2", "train.epochs=3", "eval.limit=200", "eval.attacks=[clean,pgd-10]",
+TINY = ["data.name=digits", "data.subset=null", "data.batch_size=64", "model.name=cnn3", "method.name=pgd_at",
+        "attack.eps=0.1", "attack.steps=2", "optim.lr=0.2", "train.epochs=3", "eval.limit=200", "eval.attacks=[clean,pgd-10]",
         "run.device=cuda"]
 # name -> (ranks, overrides): runs of the CLI under torchrun
 RUNS = {

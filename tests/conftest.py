@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TINY = [  # a recipe small enough for a test: digits, 1 epoch, 1-step PGD-AT
-    "data.name=digits", "data.batch_size=64", "model.name=cnn3", "method.name=pgd_at",
+    "data.name=digits", "data.subset=null", "data.batch_size=64", "model.name=cnn3", "method.name=pgd_at",
     "attack.eps=0.1", "attack.steps=1", "optim.lr=0.05", "optim.schedule=multistep",
     "optim.milestones=[2]", "train.epochs=1", "train.log_every=5", "eval.limit=101",
     "eval.attacks=[clean,pgd-3]", "data.eval_batch_size=32",

@@ -52,10 +52,11 @@ MISTAKES = [
     (["train", RECIPE, "model.init_from={resnet}"], {}, "holds a resnet_small model"),         # architecture
     (["train", RECIPE, "model.init_from={c100}", "model.new_head=false"], {}, "head has 100 classes"),
     (["train", RECIPE, "model.init_from={rgb}"], {}, "3-channel"),                             # channels
-    (["train", RECIPE, "data.name=digits", "data.batch_size=2000"], {"WORLD_SIZE": "2000", "RANK": "0"},
+    (["train", RECIPE, "data.name=digits", "data.subset=null", "data.batch_size=2000"], {"WORLD_SIZE": "2000", "RANK": "0"},
      "fewer than the 2000 ranks"),                                                              # world > data
     (["train", RECIPE, "data.subset=100", "data.batch_size=128"], {}, "mnist has 100 here"),
     (["train", RECIPE, "data.holdout=60000"], {}, "data.holdout=60000"),
+    (["train", RECIPE, "data.name=digits", "data.subset=1500"], {}, "data.subset=1500: more than the 1,437"),
     (["train", RECIPE, "data.name=cifar10", "data.root={tmp}/empty"], {}, "holds no cifar10 files"),
     (["train", RECIPE, "data.name=imagefolder", "data.root={tmp}/images"], {}, "train/<class>/"),
     (["train", RECIPE, "model.name=resnet_small", "run.out_dir={tmp}/runs", "run.name=existing"], {},

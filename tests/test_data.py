@@ -309,7 +309,9 @@ def test_train_subset_stratified_and_fixed():
     assert np.bincount(labels[loaders[0].indices].numpy()).tolist() == [15, 9, 6]
     assert torch.equal(TrainLoader(ds, batch_size=5, seed=9, subset=30).indices, loaders[0].indices)
     assert len(loaders[0]) == 3
-    whole = TrainLoader(ds, batch_size=5, subset=1000)  # larger than the data: all of it
+    with pytest.raises(ValueError, match="data.subset=1000: must be in"):  # larger than the data: refused
+        TrainLoader(ds, batch_size=5, subset=1000)
+    whole = TrainLoader(ds, batch_size=5, subset=len(ds))  # as large as the data: all of it
     assert whole.indices is None and whole.num_points == 100
 
 

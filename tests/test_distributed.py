@@ -63,7 +63,8 @@ def test_each_points_random_start_is_the_same_on_any_rank(tmp_path):
 
 
 def _ddp_step_worker(rank, world, out_dir):
-    cfg = config.load_config("configs/quickstart.yaml", ["data.name=digits", "attack.eps=0.1", "attack.steps=2"])
+    cfg = config.load_config("configs/quickstart.yaml", ["data.name=digits", "data.subset=null", "attack.eps=0.1",
+                                                             "attack.steps=2"])
     model = _model()
     ddp = DDP(model)
     ds = load_dataset("digits", "train")

@@ -25,7 +25,7 @@ def _args(tmp_path, name, *extra):
 
 @pytest.mark.slow
 def test_a_run_stopped_inside_an_epoch_resumes_there_bitwise(tmp_path, monkeypatch, capsys):
-    every = ["train.checkpoint_every=4"]
+    every = ["train.checkpoint_every=4", "train.log_every=1"]
     assert main(_args(tmp_path, "unbroken", *every)) == 0
     # Same run, stopped at its 30th step (the 8th of epoch 2 with 22 steps per epoch): step 28 was
     # its last checkpoint, so 2 steps are lost and redone.
@@ -39,6 +39,14 @@ def test_a_run_stopped_inside_an_epoch_resumes_there_bitwise(tmp_path, monkeypat
     assert main(_args(tmp_path, "stopped", *every)) == 0
     assert "epoch 2, batch 6, step 28" in capsys.readouterr().err
     assert same_weights(tmp_path / "unbroken" / "model.safetensors", tmp_path / "stopped" / "model.safetensors")
+    # The log holds each step once (step 29, logged before the stop and trained again, is the resumed run's)
+    # and marks the resume.
+    records = [json.loads(line) for line in (tmp_path / "stopped" / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) and [r["step"] for r in records if r["kind"] == "resume"] == [28]
+    unbroken = [json.loads(line) for line in (tmp_path / "unbroken" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records if r["kind"] == "step"] == \
+        [(r["step"], r["loss"]) for r in unbroken if r["kind"] == "step"]
     # The epoch checkpoint supersedes the mid-epoch ones.
     assert not list((tmp_path / "stopped" / "checkpoints").glob("step_*"))
 
@@ -49,9 +57,12 @@ def test_a_mid_epoch_checkpoint_refuses_another_batch_layout(tmp_path, monkeypat
         main(_args(tmp_path, "r", "train.checkpoint_every=4"))
     monkeypatch.undo()
     capsys.readouterr()
-    assert main(_args(tmp_path, "r", "train.checkpoint_every=4", "data.batch_size=32")) == 1
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    # refused by preflight, before any rank starts: exit 2, nothing written
+    assert main(_args(tmp_path, "r", "train.checkpoint_every=4", "data.batch_size=32")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "step_00000004.json" in err[0] and "same world size and batch" in err[0]
+    assert len(err) == 1 and "written inside an epoch (step 4)" in err[0] and "data.batch_size=64" in err[0], err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()} == before
 
 
 def _workers(parent: int) -> list[int]:

@@ -211,6 +211,9 @@ class FFCVTrainLoader:
         positions = torch.arange(len(labels))  # positions in the .beton of the images used
         if data.holdout:
             positions = holdout_indices(labels, data.holdout)[0]
+        if data.subset is not None and data.subset > len(positions):
+            raise ValueError(f"data.subset={data.subset}: more than the {len(positions):,} training images of "
+                             f"{data.name} here (after data.holdout)")
         if data.subset is not None and data.subset < len(positions):
             positions = positions[torch.from_numpy(TrainLoader.subset_indices(labels[positions], data.subset, seed))]
         self.positions, self.num_points = positions.numpy(), len(positions)

@@ -78,10 +78,11 @@ class TrainLoader:
         self.crop_padding, self.flip, self.epoch = crop_padding, flip, 0
         images, labels = dataset.images, dataset.labels
         self.indices = None  # positions in `dataset` of the images used (None: all)
-        # a subset at least as large as the data is the whole data, so one recipe fits every dataset
+        # a subset larger than the data is a mistake (it would silently train on less than asked)
+        if subset is not None and not 0 < subset <= len(dataset):
+            raise ValueError(f"data.subset={subset}: must be in [1, {len(dataset):,}], the training images of "
+                             f"{dataset.info.name} here (after data.holdout)")
         if subset is not None and subset < len(dataset):
-            if subset <= 0:
-                raise ValueError(f"data.subset must be positive, got {subset}")
             self.indices = torch.from_numpy(self.subset_indices(dataset.labels, subset, seed))
             images, labels = images[self.indices], labels[self.indices]
         self.images, self.labels = images.to(self.device), labels.to(self.device)  # stays resident

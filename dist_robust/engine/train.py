@@ -30,7 +30,7 @@ from ..models.partial import configure_finetuning
 from ..models.sync_bn import convert_sync_bn
 from ..report import JsonlLog
 from ..schedules import lr_at
-from ..tensorboard import RunLog
+from ..tensorboard import RunLog, forget_after
 from ..utils import atomic_write, autocast
 from ..checkpoint import (CheckpointError, last_good, load_checkpoint, load_optimizer,
                          load_rank_buffers, prune_epoch_checkpoints, read_sidecar, remove_step_checkpoints,
@@ -271,7 +271,12 @@ def setup(cfg: Config, device: torch.device) -> Run:
     if dist.is_main():
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "config.yaml", cfg.to_yaml().encode())
+    if sidecar and dist.is_main():  # the steps after the checkpoint are trained again: logged once, by this run
+        forget_after(folder / "log.jsonl", step)
     journal = RunLog(folder if dist.is_main() else None, step)  # log.jsonl and TensorBoard (tb/)
+    if sidecar:
+        journal.write(kind="resume", step=step, epoch=start_epoch + (1 if start_batch else 0), batch=start_batch,
+                      checkpoint=str(sidecar))
     # The training forward goes through the engine's wrapper; attacks use the unwrapped `model`.
     if cfg.dist.engine == "deepspeed":
         from .deepspeed import DeepSpeedTrainer
