@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--root", default=None, help="data folder for user-provided datasets")
     pr.add_argument("--image-size", type=int, default=None, help="imagefolder: side of the square images")
     pr.add_argument("--workers", type=int, default=0, help="writer processes (default: the CPUs)")
+    pr.add_argument("--verify", action="store_true", help="check the prepared files in full against their "
+                    "manifests (sha256) and record their stamp, instead of writing them")
     r = sub.add_parser("report", help="print a table of results; --plot DIR draws them",
                        description="A Markdown table of results: one row per results file and attack radius.")
     r.add_argument("runs", nargs="+", metavar="PATH",
@@ -206,7 +208,7 @@ def _run_eval(cfg, sidecar, out, radii, device):
 def _prepare(args) -> int:
     """``dist-robust prepare``: one process, no process group."""
     try:
-        from .data.ffcv import FFCVDataError, prepare
+        from .data.ffcv import FFCVDataError, beton_path, prepare, verify
     except ImportError as e:
         print(f"dist-robust: error: FFCV is not installed ({e}): run make install", file=sys.stderr)
         return RUN_ERROR
@@ -219,12 +221,16 @@ def _prepare(args) -> int:
         if why:
             raise FFCVDataError(f"--out={args.out}: {why}")
         for split in splits:
+            if args.verify:
+                verify(beton_path(args.out, args.dataset, split, args.format))
+                print(f"{beton_path(args.out, args.dataset, split, args.format)}: verified")
+                continue
             path, written = prepare(args.dataset, split, args.out, args.format, args.quality, root=args.root,
                                     image_size=args.image_size, workers=args.workers or len(os.sched_getaffinity(0)))
             print(f"{path}: {'written' if written else 'up to date'}")
     except (FFCVDataError, ValueError, FileNotFoundError) as e:
         print(f"dist-robust: error: {e}", file=sys.stderr)
-        return USAGE_ERROR
+        return RUN_ERROR if getattr(e, "kind", None) == "corrupt" else USAGE_ERROR  # a damaged file: not a usage error
     return 0
 
 

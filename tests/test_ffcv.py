@@ -2,6 +2,7 @@
 augmentation rank by rank, exact evaluation shards, corrupt and stale files, and a 2-rank training
 run that gives the memory loader's result."""
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from conftest import train_reference
 from dist_robust.cli import main
 from dist_robust.data import EvalLoader, TrainLoader, load_dataset, load_split
 from dist_robust.data.ffcv import (FFCVDataError, FFCVEvalLoader, FFCVTrainLoader, beton_path, checked_manifest,
-                                   prepare)
+                                   prepare, verify)
 from dist_robust.data.memory import epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,11 +120,39 @@ def test_a_corrupt_beton_is_refused_and_a_foreign_one_is_stale(tmp_path):
     with pytest.raises(FFCVDataError, match="stale|made from"):
         checked_manifest(path, "mnist", "test", None, None, "raw")
     data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # in the middle: outside the hashed ends, found by the changed mtime
+    path.write_bytes(bytes(data))
+    with pytest.raises(FFCVDataError, match="modified after it was prepared") as e:
+        checked_manifest(path, "digits", "test", None, None, "raw")
+    assert e.value.kind == "corrupt"
+    with pytest.raises(FFCVDataError, match="fails its sha256 check"):  # prepare --verify hashes it in full
+        verify(path)
+    path.write_bytes(bytes(data[:-10]))  # truncated: found by its size
+    with pytest.raises(FFCVDataError, match="differs from its manifest in size"):
+        checked_manifest(path, "digits", "test", None, None, "raw")
+
+
+def test_a_load_checks_the_stamp_and_verify_hashes_in_full(tmp_path, capsys, monkeypatch):
+    """A load reads the file's two ends, not all of it; a touched (or copied) file is refused until
+    `prepare --verify` has hashed it in full and recorded its new stamp."""
+    path, _ = prepare("digits", "test", tmp_path, "raw")
+    import dist_robust.data.ffcv as ffcv
+    hashed = []
+    monkeypatch.setattr(ffcv, "sha256_file", lambda p: hashed.append(p) or "")
+    checked_manifest(path, "digits", "test", None, None, "raw")
+    assert not hashed  # no full read at load time
+    monkeypatch.undo()
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with pytest.raises(FFCVDataError, match="--verify"):
+        checked_manifest(path, "digits", "test", None, None, "raw")
+    assert main(["prepare", "digits", "--split", "test", "--out", str(tmp_path), "--verify"]) == 0
+    assert capsys.readouterr().out.strip().endswith("digits-test-raw.beton: verified")
+    checked_manifest(path, "digits", "test", None, None, "raw")  # accepted again
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(FFCVDataError) as e:
-        checked_manifest(path, "digits", "test", None, None, "raw")
-    assert e.value.kind == "corrupt" and "sha256" in str(e.value)
+    assert main(["prepare", "digits", "--split", "test", "--out", str(tmp_path), "--verify"]) == 1
+    assert "fails its sha256 check" in capsys.readouterr().err
 
 
 def test_the_prepare_command(tmp_path, capsys):

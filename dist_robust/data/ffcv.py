@@ -2,9 +2,11 @@
 
 A prepared split is two files in ``data.ffcv_dir``: ``NAME-SPLIT-FORMAT.beton`` and its manifest
 ``.json`` (dataset, split, format and JPEG quality, image shape, counts per class, the labels, a sha256
-of the source images and labels, and a sha256 of the .beton). ``prepare`` rebuilds a file whose
-manifest does not match the source data or the requested format, and leaves a matching one alone;
-the loaders check the .beton against its manifest's hash and refuse a corrupt or foreign one.
+of the source images and labels, a sha256 of the .beton, and its stamp: size, modification time and a
+sha256 of its first and last MiB). ``prepare`` rebuilds a file whose manifest does not match the source
+data or the requested format, and leaves a matching one alone after hashing it in full, as
+``prepare --verify`` does; the loaders check the stamp only (an ImageNet-sized file is not read
+through at every start) and refuse a changed, corrupt or foreign file.
 
 Formats: ``raw`` stores each image's uint8 [C, H, W] array (bit-exact); ``jpeg`` stores RGB JPEGs at
 ``--quality`` (grayscale images are replicated to 3 channels and read back from the first).
@@ -65,6 +67,22 @@ def _source_key(name: str, split: str, root: Optional[str], image_size: Optional
             "image_size": image_size, "format": fmt, "quality": quality if fmt == "jpeg" else None}
 
 
+ENDS = 1 << 20  # bytes hashed at each end of a .beton for its stamp
+
+
+def stamp(beton: Path) -> dict:
+    """What a load checks of a .beton without reading it through: size, modification time, and a sha256
+    of its first and last MiB."""
+    st = beton.stat()
+    h = hashlib.sha256()
+    with open(beton, "rb") as f:
+        h.update(f.read(ENDS))
+        if st.st_size > ENDS:
+            f.seek(max(ENDS, st.st_size - ENDS))
+            h.update(f.read())
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ends_sha256": h.hexdigest()}
+
+
 def read_manifest(beton: Path) -> Optional[dict]:
     try:
         return json.loads(beton.with_suffix(".json").read_text())
@@ -101,7 +119,7 @@ def prepare(name: str, split: str, out_dir: str | Path, fmt: str = "raw", qualit
     key = _source_key(name, split, root, image_size, fmt, quality)
     content = content_sha256(ds)
     try:
-        old = verified_manifest(beton)
+        old = verify(beton)  # hashed in full; its stamp brought up to date
         if old["source"] == key and old["content_sha256"] == content:
             return beton, False
     except FFCVDataError:  # missing, from another version, or corrupt: written anew
@@ -129,9 +147,21 @@ def write_beton(ds: Dataset, beton: Path, fmt: str, quality: int, source: dict, 
                     "content_sha256": content or content_sha256(ds), "beton_sha256": sha256_file(tmp),
                     "labels": ds.labels.tolist()}
         os.replace(tmp, beton)
+        manifest["stamp"] = stamp(beton)  # a rename keeps the modification time
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write(beton.with_suffix(".json"), json.dumps(manifest).encode())
+    return manifest
+
+
+def verify(beton: Path) -> dict:
+    """``prepare --verify``: hash ``beton`` in full against its manifest and, when it passes, record its
+    current stamp (a copied or touched file has a new modification time); FFCVDataError otherwise."""
+    manifest = verified_manifest(beton, "prepare it again (delete it first)", full=True)
+    now = stamp(beton)
+    if manifest.get("stamp") != now:
+        manifest["stamp"] = now
+        atomic_write(beton.with_suffix(".json"), json.dumps(manifest).encode())
     return manifest
 
 
@@ -148,13 +178,23 @@ def checked_manifest(beton: Path, name: str, split: str, root, image_size, fmt: 
     return manifest
 
 
-def verified_manifest(beton: Path, hint: str = "prepare it again") -> dict:
-    """The manifest of ``beton`` after checking the file against its sha256; FFCVDataError otherwise."""
+def verified_manifest(beton: Path, hint: str = "prepare it again", full: bool = False) -> dict:
+    """The manifest of ``beton`` after checking the file against its stamp (``full``, or a manifest
+    without one: its sha256); FFCVDataError otherwise."""
     manifest = read_manifest(beton)
     if manifest is None or not beton.is_file():
         raise FFCVDataError(f"{beton} or its manifest is missing: {hint}", "missing")
     if manifest.get("version") != MANIFEST_VERSION:
         raise FFCVDataError(f"{beton} was written by another version of dist_robust: {hint}", "stale")
+    if not full and "stamp" in manifest:
+        now, then = stamp(beton), manifest["stamp"]
+        if (now["size"], now["ends_sha256"]) != (then["size"], then["ends_sha256"]):
+            raise FFCVDataError(f"{beton} differs from its manifest in size or content (truncated or corrupted): "
+                                f"{hint}", "corrupt")
+        if now["mtime_ns"] != then["mtime_ns"]:
+            raise FFCVDataError(f"{beton} was modified after it was prepared (copied or written to): run "
+                                f"`dist-robust prepare ... --verify` to check it in full", "corrupt")
+        return manifest
     if sha256_file(beton) != manifest["beton_sha256"]:
         raise FFCVDataError(f"{beton} fails its sha256 check (truncated or corrupted): {hint}", "corrupt")
     return manifest
