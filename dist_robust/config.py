@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,6 +543,7 @@ def validate(cfg: Config, training: bool = True) -> None:
     """Every section's own checks, then the method's and the stage kind's, then what ties sections
     together. ``training``: the run trains (an evaluation of a checkpoint skips what only training
     needs, such as a source to start from)."""
+    _representable(cfg)
     cfg.data.check()
     cfg.model.check(training)
     cfg.attack.check()
@@ -565,6 +567,22 @@ def validate(cfg: Config, training: bool = True) -> None:
         _selection(cfg)
     cfg.method.check(cfg, training)
     cfg.stage.check(cfg, training)
+
+
+def _representable(cfg: Config) -> None:
+    """Every number is one the run can use: floats finite (inf and NaN pass comparisons such as lr > 0
+    or fail them silently) and integers within 64 bits (torch's seeds, counts and tensor sizes)."""
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float):
+                    check(math.isfinite(v), key, value, "must be a finite number")
+                elif isinstance(v, int) and not isinstance(v, bool):
+                    check(-2 ** 63 <= v < 2 ** 63, key, value, "out of range (a 64-bit integer)")
+    walk(cfg, "")
 
 
 def _selection(cfg: Config) -> None:
