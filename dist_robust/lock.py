@@ -2,7 +2,7 @@
 
 Rank 0 takes the lock before any rank writes anything and removes it when the command ends; a second
 ``train`` into the same folder exits 2 naming the holder. The ranks of one launch share an id (torchrun's
-run id, slurm's job and step, else the process id), so the other ranks of the launch that holds the lock
+run id, slurm's job and step, another launcher's rendezvous address, else the process id), so the other ranks of the launch that holds the lock
 go on, and a rank restarted by ``torchrun --max-restarts`` takes its own launch's lock over. A lock whose
 process is gone (same host) is taken over with a warning; on another host its holder cannot be checked,
 so the line says which file to delete once that job is known to be gone.
@@ -29,6 +29,9 @@ def launch_id() -> str:
         return f"torchrun:{env['TORCHELASTIC_RUN_ID']}"
     if "SLURM_JOB_ID" in env:
         return f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+    if int(env.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        # another launcher (DeepSpeed's): its rendezvous, which no concurrent launch can share
+        return f"rendezvous:{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
     return f"pid:{socket.gethostname()}:{os.getpid()}"
 
 

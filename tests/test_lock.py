@@ -61,3 +61,28 @@ def test_the_ranks_of_one_launch_share_the_lock(tmp_path, monkeypatch):
     assert lock.acquire(tmp_path) == path  # a restart of the same launch takes it over
     lock.release(path)
     assert not path.exists()
+
+
+def test_ranks_under_another_launcher_share_its_rendezvous_as_launch_id(monkeypatch):
+    """DeepSpeed's launcher sets neither torchrun's run id nor slurm's: its ranks (other pids) share the
+    rendezvous address, so rank 1 goes on under rank 0's lock."""
+    from dist_robust import lock
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29731")
+    assert lock.launch_id() == "rendezvous:127.0.0.1:29731"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert lock.launch_id() == f"pid:{__import__('socket').gethostname()}:{os.getpid()}"
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    """Results and checkpoints are readable by the group like any file the user writes (mkstemp's 0600 is not kept)."""
+    from dist_robust.utils import atomic_write
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "results.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
