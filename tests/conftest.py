@@ -1,5 +1,6 @@
 """Shared test helpers: real multi-process gloo groups on CPU, tiny recipes, and the one 2-rank
 reference run that every test comparing against "an unbroken 2-rank PGD-AT run" reuses."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -191,6 +192,22 @@ def same_weights(a: Path, b: Path) -> bool:
     from safetensors.torch import load_file
     x, y = load_file(a), load_file(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A real tmpfs mounted on ``folder`` with mount ``options`` (size=4m: a disk that fills; ro: a
+    read-only file system) for the duration; the test is skipped where mounting is not allowed."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture

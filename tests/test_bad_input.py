@@ -157,20 +157,11 @@ def test_a_missing_source_names_the_recipe_that_trains_it(tmp_path, monkeypatch,
 
 def test_outputs_on_a_read_only_mount_are_refused_before_any_work(tmp_path, capsys):
     """run.out_dir and eval --out on a read-only file system: exit 2 and one line, nothing evaluated."""
-    import subprocess
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
-    if mount.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    from conftest import tmpfs
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         checkpoint = _checkpoint(tmp_path / "model", "cnn3")
         for args in (["train", RECIPE, f"run.out_dir={ro}/runs"],
                      ["eval", "--checkpoint", checkpoint, "--dataset", "mnist", "--out", f"{ro}/r.json"]):
             assert main(args) == 2
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and f"{ro} is on a read-only file system" in err, err
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)

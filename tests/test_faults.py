@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ENV, QUICKSTART, REFERENCE, ROOT, TINY, Stop, die_at_step, run_ranks, same_weights, torchrun_cmd
+from conftest import (ENV, QUICKSTART, REFERENCE, ROOT, TINY, Stop, die_at_step, run_ranks, same_weights, tmpfs,
+                      torchrun_cmd)
 from dist_robust.cli import main
 from dist_robust.checkpoint import last_good, load_checkpoint
 
@@ -166,17 +167,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 4 MiB file system (tmpfs), so that writes fail with ENOSPC as on a full disk."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if mount.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_full_disk_is_one_clear_line_and_keeps_the_previous_checkpoint(small_disk, capsys):
