@@ -66,14 +66,12 @@ def evaluate_model(model: torch.nn.Module, dataset="mnist", attacks: Sequence[st
     from .config import parse_fraction
     from .evaluate import evaluate
 
-    eps_given = eps
     try:
-        eps = float(parse_fraction(eps))
+        radius = float(parse_fraction(eps))
     except (TypeError, ValueError):
-        eps = float("nan")  # refused below, named as given
-    if not eps >= 0 or (norm == "Linf" and eps > 1):
-        raise ValueError(f"eps={parse_fraction(eps_given)!r}: a radius >= 0, in [0, 1] pixel units for Linf "
-                         "(8/255 or '8/255')")
+        radius = float("nan")  # refused below, named as given
+    if not radius >= 0 or (norm == "Linf" and radius > 1):
+        raise ValueError(f"eps={eps!r}: a radius >= 0, in [0, 1] pixel units for Linf (8/255 or '8/255')")
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r}: must be one of {', '.join(NORMS)}")
     if precision not in PRECISIONS:
@@ -98,5 +96,5 @@ def evaluate_model(model: torch.nn.Module, dataset="mnist", attacks: Sequence[st
     else:
         raise ValueError("dataset: a registered dataset name or an (images, labels) pair of tensors")
     opts = dict(compile="auto", precision=precision, channels_last=False)
-    return evaluate(model, data, [a for a in attacks if a != "clean"], float(eps), batch_size, device, limit=limit,
+    return evaluate(model, data, [a for a in attacks if a != "clean"], radius, batch_size, device, limit=limit,
                     seed=seed, norm=norm, restarts=restarts, attack_opts=opts, aa_block_size=aa_block_size)

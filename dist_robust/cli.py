@@ -98,14 +98,10 @@ def _radii(text: str | None) -> list[float] | None:
     """--eps: one radius or a comma-separated list, each a number or a fraction such as 8/255."""
     if text is None:
         return None
-    radii = [parse_fraction(t.strip()) for t in text.split(",") if t.strip()]
-    for r in radii:
-        if isinstance(r, str):
-            try:
-                float(r)
-            except ValueError:
-                raise ConfigError(f"--eps={text}: each radius must be a number or a fraction such as 8/255") from None
-    radii = [float(r) for r in radii]
+    try:
+        radii = [float(parse_fraction(t.strip())) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--eps={text}: each radius must be a number or a fraction such as 8/255") from None
     if not radii or len(set(radii)) != len(radii):
         raise ConfigError(f"--eps={text}: one radius, or a list of different radii")
     return radii

@@ -222,7 +222,7 @@ class Run:
     resumed_totals: dict | list | None = None
     selection: dict = field(default_factory=dict)  # validation: {"best": {epoch, acc, ...}, "last": {...}}
     signals: StopSignals = field(default_factory=StopSignals)  # SIGTERM / SIGINT noted during the loop
-    stop: int | None = None         # the stop signal every rank honours at the end of this epoch
+    stop: int | None = None         # a stop signal every rank honours: after this step (at an epoch end, its checkpoint)
     val_set: object = None          # the held-out split, loaded at the first validation
 
     @property
