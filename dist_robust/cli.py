@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
 from . import dist, lock
 from .config import ConfigError, from_dict, load_stages, parse_fraction, validate
-from .preflight import check_run, preflight
+from .preflight import check_run, check_same_view, preflight, run_folder_view
 from .utils import unwritable
 
 USAGE_ERROR, RUN_ERROR = 2, 1
@@ -293,6 +294,10 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     held = None  # the run folder's lock (lock.py): rank 0 holds it while training
     try:  # every user mistake is caught here, before the process group exists
+        try:
+            dist.rendezvous_env(env)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if args.command == "train":
             stages = load_stages(args.config, args.overrides)
             preflight(stages, env.world_size)
@@ -321,9 +326,23 @@ def _run(args, env, cfg, stages, evaluation, say) -> int:
     from .checkpoint import CheckpointError
     from .engine.preempt import Stopped
     _set_threads(cfg.train.threads, env)
-    device = dist.pick_device(cfg.run.device, env.local_rank)
+    try:  # run.device=cuda without a GPU, dist.backend=nccl on a CPU
+        device = dist.pick_device(cfg.run.device, env.local_rank)
+        dist.backend_for(device, cfg.dist.backend)
+    except (RuntimeError, ValueError) as e:
+        say(e)
+        return USAGE_ERROR
     dist.init(env, device, cfg.dist.backend, cfg.dist.timeout_s)
     dist.setup_logging(env.rank == 0)
+    if args.command == "train" and env.world_size > 1:
+        try:  # every rank finds it: a run folder the nodes do not share (they would hang at a collective)
+            check_same_view(stages, dist.all_gather_objects(run_folder_view(stages)),
+                            dist.all_gather_objects(socket.gethostname()))
+        except ConfigError as e:
+            if env.rank == 0:
+                say(e)
+            dist.cleanup()
+            return USAGE_ERROR
     try:
         if args.command == "train":
             from .engine.stages import run_stages

@@ -265,14 +265,17 @@ class EvalConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"               # auto: nccl on CUDA, gloo on CPU
-    timeout_s: int = 1800
+    backend: str = "auto"               # auto | nccl: gloo for CPU tensors, nccl for CUDA ones | gloo: for both
+    timeout_s: int = 1800               # a collective's timeout until the first training step (start-up, compilation)
+    step_timeout_s: int = 600           # ... from then on in the training loop: a dead or stuck rank stops the others sooner
     engine: str = "ddp"                 # ddp | deepspeed (engine/deepspeed.py)
     zero_stage: int = 0                 # deepspeed: ZeRO stage 0, 1 or 2
 
     def check(self) -> None:
         _choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("dist.engine", self.engine, ("ddp", "deepspeed"))
+        for key in ("timeout_s", "step_timeout_s"):
+            check(getattr(self, key) > 0, f"dist.{key}", getattr(self, key), "must be > 0 (seconds)")
         check(self.engine != "deepspeed" or self.zero_stage in (0, 1, 2), "dist.zero_stage", self.zero_stage,
               "must be 0, 1 or 2 (ZeRO-3's partitioned weights are not checkpointed: engine/deepspeed.py)")
 
@@ -560,6 +563,8 @@ def validate(cfg: Config, training: bool = True) -> None:
     check(cfg.train.precision != "fp16" or cfg.dist.engine != "deepspeed", "train.precision", "fp16",
           "with dist.engine=deepspeed only fp32 or bf16 (its fp16 loss scale would not be checkpointed); "
           "fp16 runs with dist.engine=ddp")
+    check(cfg.dist.backend != "nccl" or cfg.run.device != "cpu", "dist.backend", "nccl",
+          "carries CUDA tensors: with run.device=cpu use dist.backend=auto or gloo")
     check(not cfg.train.compile or cfg.dist.engine == "ddp", "train.compile", True,
           "compiles the DDP engine's forward; with dist.engine=deepspeed leave it false")
     _split("eval.split", cfg.eval.split, cfg.data)

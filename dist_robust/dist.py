@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -47,22 +48,85 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def backend_for(device: torch.device, requested: str = "auto") -> str:
+    """The process group's backend for a run on ``device``. A CUDA run's group serves CPU tensors as well
+    as CUDA ones (``cpu:gloo,cuda:nccl``): the engine sums host-side counts (epoch totals, evaluation and
+    AutoAttack counts) and gathers objects over it, and an nccl-only group refuses CPU tensors ("No
+    backend type associated with device type cpu"). ``gloo`` alone serves both kinds (slower on CUDA):
+    it is the way for several ranks on one GPU, which nccl refuses ("Duplicate GPU detected")."""
+    if requested == "gloo":
+        return "gloo"
+    if device.type == "cuda":
+        return "cpu:gloo,cuda:nccl"
+    if requested == "nccl":
+        raise ValueError(f"dist.backend=nccl needs CUDA devices; this run is on {device.type}: use "
+                         "dist.backend=auto (gloo on a CPU)")
+    return "gloo"
+
+
+def served_devices(backend: str) -> set[str]:
+    """The device types a group made with ``backend`` serves: "cpu:gloo,cuda:nccl" -> {cpu, cuda}; a plain
+    name serves the devices torch registers for it (gloo: cpu and cuda; nccl: cuda only)."""
+    if ":" in backend:
+        return {pair.split(":")[0].strip() for pair in backend.split(",")}
+    return set(dist.Backend.backend_capability.get(backend.lower(), ()))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a slurm node list ("gpu[07-09,12],cpu3" -> "gpu07"; zero padding kept; several
+    bracket groups ("r[1-2]-n[01-04]" -> "r1-n01") each give their first value)."""
+    first, depth = nodelist, 0
+    for i, c in enumerate(nodelist):  # the first host expression: up to a comma outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            first = nodelist[:i]
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], first.strip())
+
+
+def rendezvous_env(env: DistEnv, environ=os.environ) -> None:
+    """Fill in MASTER_ADDR / MASTER_PORT where a bare ``srun`` (no torchrun) gives none: the first host
+    of the job's node list, so that every node meets at one address (127.0.0.1 would leave each node
+    waiting for itself until the timeout), and a port from the job id. ValueError (one line) when a
+    multi-node slurm step gives no node list to take it from."""
+    if env.world_size == 1:
+        return
+    environ.setdefault("MASTER_PORT", str(29500 + int(environ.get("SLURM_JOB_ID", 0)) % 1000))
+    if "MASTER_ADDR" in environ:
+        return
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    several = int(environ.get("SLURM_STEP_NUM_NODES", environ.get("SLURM_NNODES", "1")) or 1) > 1
+    if several and not nodes:
+        raise ValueError(f"{env.world_size} slurm tasks over several nodes and no MASTER_ADDR: export "
+                         "MASTER_ADDR (the first node's address) and MASTER_PORT, or launch with launch/slurm.sbatch")
+    environ["MASTER_ADDR"] = first_host(nodes) if several else "127.0.0.1"
+
+
 def init(env: DistEnv, device: torch.device, backend: str = "auto", timeout_s: int = 1800) -> None:
-    """Join the process group (nccl on CUDA, gloo on CPU) when there is more than one rank."""
+    """Join the process group when there is more than one rank (backend_for: gloo on CPU, gloo for CPU
+    tensors and nccl for CUDA ones on GPUs)."""
     if env.world_size == 1 or dist.is_initialized():
         return
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    # Slurm without torchrun gives no rendezvous address: single node, or the user exports one.
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 1000))
+    backend = backend_for(device, backend)
+    rendezvous_env(env)
     timeout = timedelta(seconds=timeout_s)
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
     # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix the restarted
     # ranks can read the dead ranks' addresses from it and fail to connect ("Connection refused").
     store = dist.PrefixStore(f"dist_robust/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    # device_id binds nccl's communicator to this rank's GPU at once; gloo alone has nothing to bind
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if "nccl" in backend else None)
+
+
+def set_timeout(seconds: float) -> None:
+    """The timeout of every later collective of the group (no-op with one process): the start-up's is long
+    (compilation, data preparation, a first checkpoint), a training step's can be short, so that a rank
+    that dies or hangs stops the others in minutes rather than half an hour."""
+    if dist.is_initialized():
+        # torch.distributed.set_timeout is public in newer torch; before, the private function it replaced
+        setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+        setter(timedelta(seconds=seconds))
 
 
 def cleanup(finished: bool = False) -> None:

@@ -6,6 +6,7 @@ Every failure is a one-line ``ConfigError`` (exit status 2), as config.py's."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -165,3 +166,51 @@ def _check_run_folder(cfg: Config) -> None:
         was, now = (old.get(section) or {}).get(key), getattr(getattr(cfg, section), key)
         check(was in (None, now), "run.name", cfg.run.name, f"{previous.parent} holds another run ({section}.{key} "
               f"{was}, here {now}): choose another run.name, or train.resume=never to start it over")
+
+
+def run_folder_view(stages: Sequence[Config]) -> dict:
+    """What this rank sees of a recipe's run folders (each stage's marker, checkpoints, model and results;
+    the lock rank 0 took) and of its FFCV files: on a filesystem that every node shares, the same on
+    every rank. Taken after rank 0 took the lock and before anything else is written."""
+    from .data.ffcv import beton_path, read_manifest
+    top = Path(os.path.commonpath([Path(s.run.out_dir) / s.run.name for s in stages]))
+    view = {str(top / ".lock"): _text(top / ".lock")}
+    for cfg in stages:
+        folder = Path(cfg.run.out_dir) / cfg.run.name
+        view[str(folder)] = sorted(str(p.relative_to(folder)) for pattern in ("*.json", "checkpoints/*.json")
+                                   for p in folder.glob(pattern))
+        d = cfg.data
+        if d.loader != "memory":  # the .beton files a run may read, by their manifests' stamps
+            for split in ("train", "test"):
+                beton = beton_path(d.ffcv_dir, d.name, split, d.ffcv_format)
+                view[str(beton)] = (read_manifest(beton) or {}).get("stamp")
+    return view
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def check_same_view(stages: Sequence[Config], views: list[dict], hosts: list[str]) -> None:
+    """Refuse (one line) a launch whose ranks see different run folders, such as a node-local
+    run.out_dir: the nodes would resume from different points and wait for each other at the first
+    collective until the timeout. ``views`` and ``hosts``: every rank's, gathered."""
+    for rank, view in enumerate(views):
+        differs = [k for k in views[0].keys() | view.keys() if views[0].get(k) != view.get(k)]
+        if differs:
+            what = sorted(differs)[0]
+            raise ConfigError(
+                f"run.out_dir={stages[0].run.out_dir!r}: rank {rank} on {hosts[rank]} does not see what rank 0 on "
+                f"{hosts[0]} sees in {what} ({_brief(view.get(what))} against {_brief(views[0].get(what))}): the "
+                "run folder (and data.ffcv_dir) must be on a filesystem that every node shares")
+
+
+def _brief(value) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, list):
+        return f"{len(value)} files" + (f", last {value[-1]}" if value else "")
+    return "a lock" if isinstance(value, str) else "another file"
