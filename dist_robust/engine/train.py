@@ -329,6 +329,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
                                      "written from this state")
         run.trainer.step(loss)
         run.step += 1
+        if batch == first + 1 and epoch == run.start_epoch:  # this process's first step: start-up is over
+            dist.set_timeout(cfg.dist.step_timeout_s)
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value.detach().double().cpu()
         if run.step % cfg.train.log_every == 0:
@@ -460,7 +462,9 @@ def train(cfg: Config, device: torch.device) -> dict | None:
         for epoch in range(run.start_epoch, cfg.train.epochs):
             summary = train_one_epoch(run, epoch)
             if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):  # and after the last
+                dist.set_timeout(cfg.dist.timeout_s)  # its attacks may keep one rank busy while another waits
                 validate(run, epoch, device)  # also when stopping: the resumed run would not validate this epoch
+                dist.set_timeout(cfg.dist.step_timeout_s)
             run.save(f"epoch_{epoch + 1:04d}", epoch=epoch + 1, step=run.step, metrics=summary,
                      **({"selection": run.selection} if run.selection else {}))
             if dist.is_main():
@@ -468,6 +472,7 @@ def train(cfg: Config, device: torch.device) -> dict | None:
                 prune_epoch_checkpoints(run.folder / "checkpoints", cfg.train.keep_checkpoints)
             if run.stop:
                 raise Stopped(run.stop, f"at the end of epoch {epoch + 1} (step {run.step})")
+    dist.set_timeout(cfg.dist.timeout_s)
     return export_and_evaluate(run, device)
 
 
