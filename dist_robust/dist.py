@@ -161,10 +161,18 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks, in place, and return it (identity with one process)."""
-    if dist.is_initialized():
+    """Sum a tensor over ranks, in place, and return it (identity with one process). A group that does not
+    serve the tensor's device (a caller's own nccl-only group around evaluate_model, say, and a CPU count)
+    gets a copy on a device it serves."""
+    if not dist.is_initialized():
+        return t
+    served = served_devices(dist.get_backend_config())
+    if t.device.type in served:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+        return t
+    carried = t.to(torch.device(sorted(served)[0]))
+    dist.all_reduce(carried, op=dist.ReduceOp.SUM)
+    return t.copy_(carried)
 
 
 def all_gather_objects(obj) -> list:
