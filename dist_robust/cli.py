@@ -16,6 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
+from . import orphan  # first of the project: it records the launcher's pid before torch's import
 from . import dist, lock
 from .config import ConfigError, from_dict, load_stages, parse_fraction, validate
 from .preflight import check_run, check_same_view, preflight, run_folder_view
@@ -285,6 +286,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args([a for a in argv if not a.startswith("--local_rank")])
     if args.command == "report":
         return _report(args.runs, args.plot)
+    orphan.watch()  # a rank stops (SIGTERM) when its launcher dies: torchrun's ranks have sessions of their own
     if args.command == "prepare":
         return _prepare(args)
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, launcher_env
+from conftest import REFERENCE, TINY, launcher_env, same_weights
 
 pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
 
@@ -52,31 +53,87 @@ def test_torchrun_sh_single_node(reference):
     _check_results(reference)
 
 
-def test_torchrun_sh_two_nodes_c10d(tmp_path):
-    """Two torchrun.sh calls with NNODES=2 and the same RDZV_ENDPOINT, one rank each: the multi-node
-    path, with both "nodes" on this machine."""
+def _two_nodes(tmp_path: Path, args, tag: str):
+    """Two torchrun.sh calls with NNODES=2 and the same RDZV_ENDPOINT, one rank each: the multi-node path,
+    with both "nodes" on this machine. Their pids (torchrun's: the script execs it) and output files."""
     port = _free_port()
-    env = launcher_env(NNODES="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID="test-two-nodes", NPROC_PER_NODE="1",
-               OMP_NUM_THREADS="1")
-    # both "nodes" share this machine's cores: one torch thread per rank (the default counts the node's
-    # cores over its local ranks, 1 here)
-    cmd = ["bash", str(TORCHRUN_SH), RECIPE, *TINY, "train.threads=1", f"run.out_dir={tmp_path}", "run.name=two"]
-    t0 = time.monotonic()
-    logs = [open(tmp_path / f"node{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT) for f in logs]
+    env = launcher_env(NNODES="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID=f"test-two-nodes-{tag}",
+                       NPROC_PER_NODE="1", OMP_NUM_THREADS="1")
+    logs = [tmp_path / f"{tag}-node{i}.log" for i in range(2)]
+    procs = []
+    for log in logs:
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(["bash", str(TORCHRUN_SH), RECIPE, *args], cwd=ROOT, env=env, stdout=f,
+                                          stderr=subprocess.STDOUT))
+    return port, procs, logs
+
+
+def _logged_step(run: Path) -> int:
     try:
-        codes = [p.wait(timeout=240) for p in procs]
+        lines = (run / "log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except ValueError:
+            pass  # a line being written
+    return max(steps, default=0)
+
+
+def test_torchrun_sh_two_nodes_c10d_stopped_by_sigterm_resume_bitwise(tmp_path, reference):
+    """The reference run (conftest) on two "nodes" of one rank each meeting at a c10d rendezvous: SIGTERM
+    to both agents mid-epoch (what scancel or a preemption sends to each node's step) stops both ranks at
+    one step with its checkpoint; the same two-node launch again resumes there and ends on the reference
+    run's weights, bitwise (so the two-node layout also trains as the one-node one)."""
+    # the reference's threads per rank: the cores shared out over its 2 ranks on one node (here each
+    # "node" has one local rank and would take all the cores)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    args = [*REFERENCE, f"train.threads={threads}", f"run.out_dir={tmp_path}", "run.name=two"]
+    run = tmp_path / "two"
+    t0 = time.monotonic()
+    port, procs, logs = _two_nodes(tmp_path, args, "stopped")
+    try:
+        deadline = time.monotonic() + 240
+        while _logged_step(run) < 6:  # inside the first epoch (22 steps), past a step checkpoint
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+                "\n\n".join(log.read_text()[-3000:] for log in logs)
+            time.sleep(0.05)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    out = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
+    out = "\n".join(log.read_text() for log in logs)
+    print(f"two agents' exit statuses on SIGTERM: {codes}")
+    assert all(c != 0 for c in codes), out[-4000:]  # a stopped run is no success (torchrun's own status)
+    assert all("--rdzv_backend=c10d" in log.read_text() and f"--rdzv_endpoint=127.0.0.1:{port}" in log.read_text()
+               for log in logs)
+    assert out.count("stopped by SIGTERM at step") == 1, out[-4000:]  # rank 0's line, on its node
+    step = int(out.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert 6 <= step < 22 and (run / "checkpoints" / f"step_{step:08d}.json").is_file(), out[-4000:]
+    assert not (run / "model.json").exists() and not (run / ".lock").exists()
+
+    port, procs, logs = _two_nodes(tmp_path, args, "resumed")
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n\n".join(o[-3000:] for o in out)
-    assert all("--rdzv_backend=c10d" in o and f"--rdzv_endpoint=127.0.0.1:{port}" in o for o in out)
     assert sum("2 ranks" in o for o in out) == 1  # rank 0 logs, on whichever node it landed
-    _check_results(tmp_path / "two")
-    print(f"torchrun.sh, 2 nodes x 1 rank (c10d on localhost): {time.monotonic() - t0:.1f} s")
+    assert sum(f"resumed from {run / 'checkpoints' / f'step_{step:08d}.json'}" in o for o in out) == 1
+    assert same_weights(run / "model.safetensors", reference / "model.safetensors")
+    _check_results(run)
+    print(f"torchrun.sh, 2 nodes x 1 rank (c10d on localhost), stopped at step {step} and resumed: "
+          f"{time.monotonic() - t0:.1f} s")
 
 
 @pytest.fixture
