@@ -1,4 +1,4 @@
-# make install | demo | test | bench | gpu-check | results     (a fresh Debian machine with Python 3.11 needs nothing else)
+# make install | demo | test | bench | gpu-check | gpu-bundle | results     (a fresh Debian machine with Python 3.11 needs nothing else)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 NPROC ?= 2
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dist_robust train
 
-.PHONY: install demo test test-fast bench gpu-check results clean
+.PHONY: install demo test test-fast bench gpu-check gpu-bundle results clean
 
 install: $(STAMP) $(FASHION)
 
@@ -68,10 +68,19 @@ bench: install
 	$(PY) bench/attacks.py
 	$(PY) bench/autoattack.py
 
-# The GPU acceptance run (scripts/gpu_check.py): every CUDA path, in about 8 minutes on one GPU;
-# writes bench/results/gpu.json. Exits 1 with one line where there is no CUDA device.
-gpu-check: install
-	$(PY) scripts/gpu_check.py
+# The GPU acceptance run (scripts/gpu_check.py): stages a-g (2 ranks on one GPU over gloo, nccl, bf16/fp16,
+# DeepSpeed ZeRO-2, FFCV, throughput against the bound, CPU against GPU), within 7 minutes on one GPU; prints
+# a table, writes results/gpu/DATE-GPU.json, exits 1 if a stage fails, or at once with one line where there
+# is no CUDA device. No install step: scripts/gpu_check.sh uses .venv if there is one (make install), else
+# python3 with .gpu-bundle/ (the lent GPU machine has no registry: docs/distributed.md). GPU_CHECK_ARGS: e.g.
+# --only a,f.
+gpu-check:
+	@scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# .gpu-bundle/: what the lent GPU machine's python3 lacks, as wheels for CPython 3.12 (scripts/gpu_bundle.sh;
+# about 5 MB; GPU_BUNDLE_DATA="mnist animal fashion" adds the offline datasets).
+gpu-bundle: install
+	scripts/gpu_bundle.sh
 
 # The fine-tuning comparison (configs/finetune/): 2 pairs x 9 methods x 2 seeds on 2 ranks, with
 # AutoAttack on 100 points per run; resumable. Writes results/finetune.{md,json}.
