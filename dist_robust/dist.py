@@ -119,6 +119,15 @@ def init(env: DistEnv, device: torch.device, backend: str = "auto", timeout_s: i
                             device_id=device if "nccl" in backend else None)
 
 
+def init_alone(device: torch.device) -> None:
+    """A group of this one process, serving what a run's group serves (backend_for): DeepSpeed needs a
+    group even alone, and without one it makes its own (nccl only on a GPU; MPI discovery, failing without
+    mpi4py, when no launcher set the rendezvous variables)."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
+
+
 def set_timeout(seconds: float) -> None:
     """The timeout of every later collective of the group (no-op with one process): the start-up's is long
     (compilation, data preparation, a first checkpoint), a training step's can be short, so that a rank

@@ -2,6 +2,7 @@
 same seed, launched by launch/deepspeed.sh with a hostfile; ZeRO-2 from the same seed for every method,
 TWINS with its synchronised adaptive wing), and its checkpoints are the project's format: DDP's continue
 under ZeRO-2 and ZeRO-2's under DDP, ending where DDP ends."""
+import json
 import shutil
 import subprocess
 import sys
@@ -166,3 +167,14 @@ def test_a_zero2_checkpoint_continues_under_ddp(every_method, tmp_path):
     _only_epoch_2(resumed)
     _close(load_file(every_method["ddp"] / "pgd_at" / "model.safetensors"),
            load_file(resumed / "model.safetensors"), "DDP from ZeRO-2")
+
+
+def test_one_process_without_a_launcher_trains_under_zero2(tmp_path):
+    """A plain `dist-robust train` (no torchrun: no rendezvous variables, no LOCAL_RANK) with DeepSpeed:
+    the run makes its own one-process group (DeepSpeed's would look for MPI) and trains and evaluates."""
+    from conftest import TINY
+    r = subprocess.run([sys.executable, "-m", "dist_robust", "train", QUICKSTART, *TINY, "eval.attacks=[clean]",
+                        "dist.engine=deepspeed", "dist.zero_stage=2", f"run.out_dir={tmp_path}", "run.name=alone"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert json.loads((tmp_path / "alone" / "results.json").read_text())["world_size"] == 1

@@ -105,6 +105,8 @@ class DeepSpeedTrainer:
         # the accelerator of this run's device, named: DeepSpeed's own probe warns on every CPU rank
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if next(model.parameters()).is_cuda else "cpu")
         import deepspeed
+        dist.init_alone(next(model.parameters()).device)  # one process: ours, not DeepSpeed's own group
+        os.environ.setdefault("LOCAL_RANK", str(dist.read_env().local_rank))  # DeepSpeed asserts it (a bare srun)
         params = [p for group in opt.param_groups for p in group["params"]]
         self.model, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                                         config=ds_config(cfg, per_rank_batch))
