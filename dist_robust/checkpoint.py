@@ -206,10 +206,18 @@ def _step_of(sidecar: Path) -> int:
         return -1  # unreadable: tried last, where read_sidecar reports it
 
 
-def _candidates(folder: Path) -> list[Path]:
+def _candidates(folder: Path, epochs_only: bool = False) -> list[Path]:
     """The training checkpoints' sidecars in ``folder``, newest (most steps; an epoch's before a step's) first."""
-    candidates = [*Path(folder).glob("epoch_*.json"), *Path(folder).glob("step_*.json")]
+    candidates = [*Path(folder).glob("epoch_*.json"), *([] if epochs_only else Path(folder).glob("step_*.json"))]
     return sorted(candidates, key=lambda p: (_step_of(p), p.name.startswith("epoch_")), reverse=True)
+
+
+def mid_epoch_layout(meta: dict) -> tuple:
+    """(ranks, data.batch_size, data.subset, data.holdout) of a checkpoint's sidecar: a checkpoint written
+    inside an epoch (``"batch" in meta``) continues exactly only under the same (each rank's RNG, buffers
+    and place in the epoch's order)."""
+    data = meta.get("config", {}).get("data", {})
+    return len(meta.get("rng", [])), data.get("batch_size"), data.get("subset"), data.get("holdout")
 
 
 def newest_sidecar(folder: Path) -> Optional[dict]:
@@ -223,11 +231,11 @@ def newest_sidecar(folder: Path) -> Optional[dict]:
     return None
 
 
-def last_good(folder: Path) -> Optional[Path]:
+def last_good(folder: Path, epochs_only: bool = False) -> Optional[Path]:
     """The newest training checkpoint in ``folder`` (``epoch_NNNN`` at epoch ends, ``step_NNNNNNNN``
-    inside an epoch; newest = most steps) whose files pass their hashes; bad ones are reported and
-    skipped, so a corrupted latest checkpoint falls back to the one before."""
-    for sidecar in _candidates(folder):
+    inside an epoch unless ``epochs_only``; newest = most steps) whose files pass their hashes; bad ones
+    are reported and skipped, so a corrupted latest checkpoint falls back to the one before."""
+    for sidecar in _candidates(folder, epochs_only):
         try:
             meta = read_sidecar(sidecar)
             _read_verified(sidecar.parent, meta["model_file"], meta["sha256"]["model"])

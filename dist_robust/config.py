@@ -192,11 +192,16 @@ class OptimConfig:
         check(all(m > 0 for m in self.milestones), "optim.milestones", self.milestones, "must be positive epochs")
 
 
+RESUME = ("auto", "auto_epoch", "never")  # train.resume
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
     seed: int = 0
-    resume: str = "auto"                # auto: continue from the last good checkpoint; never: start over
+    resume: str = "auto"                # auto: continue from the last good checkpoint; auto_epoch: the same, but a
+                                        # checkpoint written inside an epoch by another world size or batch gives
+                                        # way to the last epoch checkpoint (auto refuses it); never: start over
     log_every: int = 20                 # iterations between log lines
     checkpoint_every: int = 0           # also checkpoint every N iterations inside an epoch (0: epoch ends only);
                                         # a killed run resumes from there, bitwise as if never stopped
@@ -213,7 +218,7 @@ class TrainConfig:
     def check(self) -> None:
         check(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
         check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0: keep all)")
-        _choice("train.resume", self.resume, ("auto", "never"))
+        _choice("train.resume", self.resume, RESUME)
         check(self.log_every > 0, "train.log_every", self.log_every, "must be > 0")
         check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
               "must be >= 0 (0: epoch ends only)")

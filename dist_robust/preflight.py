@@ -12,7 +12,7 @@ from typing import Sequence
 
 import yaml
 
-from .checkpoint import CheckpointError, model_header, newest_sidecar, read_sidecar, resolve
+from .checkpoint import CheckpointError, mid_epoch_layout, model_header, newest_sidecar, read_sidecar, resolve
 from .config import Config
 from .data import DATASETS
 from .methods import METHODS, STAGE_KINDS
@@ -133,19 +133,20 @@ def _check_source(cfg: Config, key: str, path: str, info) -> None:
 
 
 def _check_resume(cfg: Config, world_size: int) -> None:
-    """A run stopped inside an epoch continues only with the batch layout it was written with (each
-    rank's RNG, buffers and place in the epoch): another world size or batch is refused here, before
-    any rank starts, rather than when the ranks resume."""
+    """A run stopped inside an epoch continues (train.resume=auto) only with the batch layout it was
+    written with (each rank's RNG, buffers and place in the epoch): another world size or batch is
+    refused here, before any rank starts, rather than when the ranks resume. train.resume=auto_epoch
+    continues such a run from its last epoch checkpoint instead (engine/train.py)."""
     folder = Path(cfg.run.out_dir) / cfg.run.name / "checkpoints"
     meta = newest_sidecar(folder) if cfg.train.resume == "auto" and folder.is_dir() else None
     if not meta or "batch" not in meta:
         return
-    data = meta.get("config", {}).get("data", {})
-    then = (len(meta.get("rng", [])), data.get("batch_size"), data.get("subset"), data.get("holdout"))
+    then = mid_epoch_layout(meta)
     now = (world_size, cfg.data.batch_size, cfg.data.subset, cfg.data.holdout)
     check(then == now, "train.resume", "auto", f"{folder} was written inside an epoch (step {meta.get('step')}) by "
           f"{then[0]} ranks with data.batch_size={then[1]}, subset={then[2]}, holdout={then[3]}; this launch has "
-          f"{now[0]} ranks and {now[1]}, {now[2]}, {now[3]}: resume with the same layout, or train.resume=never")
+          f"{now[0]} ranks and {now[1]}, {now[2]}, {now[3]}: resume with the same layout, train.resume=auto_epoch "
+          "to continue from the last epoch checkpoint (its later steps trained again), or train.resume=never")
 
 
 def _check_run_folder(cfg: Config) -> None:
@@ -156,7 +157,7 @@ def _check_run_folder(cfg: Config) -> None:
     if why:  # found now, not after the training, when the first file is written
         raise ConfigError(f"run.out_dir={cfg.run.out_dir!r}: {why}")
     previous = folder / "config.yaml"
-    if cfg.train.resume != "auto" or not previous.is_file():
+    if cfg.train.resume == "never" or not previous.is_file():
         return
     try:
         old = yaml.safe_load(previous.read_text()) or {}

@@ -296,6 +296,11 @@ class FFCVEvalLoader:
         self._ffcv = _loader(beton, manifest, batch_size, torch.device(device), workers)
         _set_order(self._ffcv, np.arange(self.shard.start, self.shard.stop))
 
+    def set_indices(self, indices: np.ndarray) -> None:
+        """Read these positions, in this order, from now on (the evaluation's blocks of this rank)."""
+        self.num_points = len(indices)
+        _set_order(self._ffcv, indices)
+
     def __len__(self) -> int:
         return -(-self.num_points // self.batch_size)
 

@@ -33,8 +33,8 @@ from ..schedules import lr_at
 from ..tensorboard import RunLog, forget_after
 from ..utils import atomic_write, autocast
 from ..checkpoint import (CheckpointError, last_good, load_checkpoint, load_optimizer,
-                         load_rank_buffers, prune_epoch_checkpoints, read_sidecar, remove_step_checkpoints,
-                         rng_state, save_checkpoint, set_rng_state)
+                         load_rank_buffers, mid_epoch_layout, prune_epoch_checkpoints, read_sidecar,
+                         remove_step_checkpoints, rng_state, save_checkpoint, set_rng_state)
 from ..evaluate import eval_attack_opts, eval_radius, evaluate, evaluate_run
 from .preempt import StopSignals, Stopped
 from ..report import progress
@@ -173,12 +173,41 @@ def _resume(sidecar: Path, model, steps_per_epoch: int) -> tuple[int, int, int, 
         if (meta["steps_per_epoch"], len(meta["rng"])) != (steps_per_epoch, world):
             raise CheckpointError(f"{sidecar} was written inside an epoch by {len(meta['rng'])} ranks with "
                                   f"{meta['steps_per_epoch']} steps/epoch; this run has {world} and "
-                                  f"{steps_per_epoch}: resume with the same world size and batch")
+                                  f"{steps_per_epoch}: resume with the same world size and batch, or "
+                                  "train.resume=auto_epoch to continue from the last epoch checkpoint")
         batch, totals = meta["batch"], meta["totals"][rank]
     if len(meta["rng"]) == world:
         set_rng_state(meta["rng"][rank])
         buffers = load_rank_buffers(sidecar, rank)
     return meta["epoch"], batch, meta["step"], totals, buffers
+
+
+def _continues(meta: dict, cfg: Config, steps_per_epoch: int) -> bool:
+    """Whether this launch continues a checkpoint exactly: any epoch checkpoint; one written inside an
+    epoch only with its world size, batch, subset and holdout (and so its steps per epoch)."""
+    now = (dist.world_size(), cfg.data.batch_size, cfg.data.subset, cfg.data.holdout)
+    return "batch" not in meta or (mid_epoch_layout(meta) == now and meta.get("steps_per_epoch") == steps_per_epoch)
+
+
+def _epoch_instead(sidecar: Path, cfg: Config) -> Path | None:
+    """train.resume=auto_epoch and a newest checkpoint written inside an epoch by another layout: the last
+    good epoch checkpoint instead (None: the first epoch never ended, the run starts over). The step
+    checkpoints of that layout are removed (rank 0, once every rank has chosen), so that a later resume
+    never meets them again; one log line says what is trained again."""
+    meta = read_sidecar(sidecar)
+    epoch = last_good(sidecar.parent, epochs_only=True)
+    step = read_sidecar(epoch)["step"] if epoch else 0
+    ranks, batch, subset, holdout = mid_epoch_layout(meta)
+    log.info("train.resume=auto_epoch: %s was written inside epoch %d by %d ranks (data.batch_size=%s, subset=%s, "
+             "holdout=%s; this launch: %d, %s, %s, %s); continuing from %s, its %d later steps trained again",
+             sidecar.name, meta["epoch"] + 1, ranks, batch, subset, holdout, dist.world_size(), cfg.data.batch_size,
+             cfg.data.subset, cfg.data.holdout, epoch.name if epoch else "the start", meta["step"] - step)
+    dist.barrier()
+    if dist.is_main():
+        remove_step_checkpoints(sidecar.parent)
+        if epoch is None:  # trained again from the first step: logged once, by this run
+            forget_after(sidecar.parent.parent / "log.jsonl", 0)
+    return epoch
 
 
 EPOCH_KEYS = ("epoch", "step", "lr", "loss", "train_acc", "seconds", "images_per_s")
@@ -246,7 +275,8 @@ class Run:
 
 def setup(cfg: Config, device: torch.device) -> Run:
     """Build the run (data, model in its training form, method, optimizer, engine) and continue it from
-    its last good checkpoint if it has one (train.resume=auto)."""
+    its last good checkpoint if it has one (train.resume=auto; auto_epoch: a checkpoint written inside an
+    epoch by another layout gives way to the last epoch checkpoint)."""
     rank, world = dist.rank(), dist.world_size()
     train_set, model = build(cfg, device)
     method = build_method(cfg)
@@ -261,7 +291,9 @@ def setup(cfg: Config, device: torch.device) -> Run:
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # each rank draws its own attack noise
     folder = Path(cfg.run.out_dir) / cfg.run.name
     ckpt_dir = folder / "checkpoints"
-    sidecar = last_good(ckpt_dir) if cfg.train.resume == "auto" and ckpt_dir.is_dir() else None
+    sidecar = last_good(ckpt_dir) if cfg.train.resume != "never" and ckpt_dir.is_dir() else None
+    if sidecar and cfg.train.resume == "auto_epoch" and not _continues(read_sidecar(sidecar), cfg, steps_per_epoch):
+        sidecar = _epoch_instead(sidecar, cfg)
     start_epoch, start_batch, step, resumed_totals, own_buffers = (
         _resume(sidecar, model, steps_per_epoch) if sidecar else (0, 0, 0, None, {}))
     if sidecar:
@@ -436,10 +468,10 @@ def export_and_evaluate(run: Run, device: torch.device) -> dict | None:
 
 
 def finished_results(cfg: Config) -> dict | None:
-    """The results of a run that already finished with this very config (train.resume=auto): running
+    """The results of a run that already finished with this very config (train.resume=auto or auto_epoch): running
     it again has nothing to do (and must not overwrite them); None otherwise."""
     folder = Path(cfg.run.out_dir) / cfg.run.name
-    if cfg.train.resume != "auto" or not cfg.eval.at_end or not (folder / "model.json").is_file():
+    if cfg.train.resume == "never" or not cfg.eval.at_end or not (folder / "model.json").is_file():
         return None
     try:
         results = json.loads((folder / "results.json").read_text())

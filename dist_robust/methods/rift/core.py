@@ -19,7 +19,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,8 @@ def _module_mrc(net: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor, los
 
 def module_robust_criticality(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
                               names: Optional[Sequence[str]] = None, eps_w: float = 0.1, epochs: int = 10,
-                              lr: float = 1.0, batch_size: int = 512) -> dict[str, dict]:
+                              lr: float = 1.0, batch_size: int = 512, done: Optional[dict] = None,
+                              after_round: Optional[Callable[[dict], None]] = None) -> dict[str, dict]:
     """MRC of every module in ``names`` (default: ``critical_modules(model)``), on the fixed
     adversarial set (x_adv, y), which should live on the model's device.
 
@@ -122,8 +123,12 @@ def module_robust_criticality(model: nn.Module, x_adv: torch.Tensor, y: torch.Te
     computation is the same sequence of operations whichever rank runs it, so the table does not depend
     on the world size (the 2-rank test agrees with 1 rank to 1e-6; on CUDA, cuDNN's non-deterministic
     kernels can add noise unless ``torch.backends.cudnn.deterministic`` is set). The ascent steps use
-    batch means, so ``batch_size`` is part of the method (the official 512), not a memory knob. Under torch.distributed, modules go round-robin by
-    index to ranks and the entries are gathered with all_gather_object: every rank must call this.
+    batch means, so ``batch_size`` is part of the method (the official 512), not a memory knob. Under
+    torch.distributed, modules go round-robin by index to ranks, one round of one module per rank at a
+    time, and each round's entries are gathered with all_gather_object: every rank must call this.
+    ``done``: entries computed earlier (a resumed stage), not computed again; ``after_round(table)`` is
+    called on every rank after each round with the entries so far (the stage saves them there, and may
+    stop).
     """
     names = list(critical_modules(model) if names is None else names)
     if eps_w < 0 or epochs < 1 or batch_size < 1 or len(x_adv) == 0 or len(x_adv) != len(y):
@@ -142,10 +147,17 @@ def module_robust_criticality(model: nn.Module, x_adv: torch.Tensor, y: torch.Te
     x_adv, y = x_adv.detach(), y.detach()
     loss0, acc0 = _full_set_loss(net, x_adv, y, batch_size)
 
-    mine = {n: _module_mrc(net, n, x_adv, y, loss0, acc0, eps_w, epochs, lr, batch_size)
-            for n in names[dist.rank()::dist.world_size()]}
-    gathered = {k: v for part in dist.all_gather_objects(mine) for k, v in part.items()}
-    return {n: gathered[n] for n in names}
+    table = {n: e for n, e in (done or {}).items() if n in names}
+    todo, rank, world = [n for n in names if n not in table], dist.rank(), dist.world_size()
+    for start in range(0, len(todo), world):  # a round: one module per rank, then every rank has them all
+        part = todo[start:start + world]
+        mine = {part[rank]: _module_mrc(net, part[rank], x_adv, y, loss0, acc0, eps_w, epochs, lr, batch_size)
+                } if rank < len(part) else {}
+        for entries in dist.all_gather_objects(mine):
+            table.update(entries)
+        if after_round is not None:
+            after_round(table)
+    return {n: table[n] for n in names}
 
 
 def rank_modules(table: dict[str, dict]) -> list[str]:

@@ -4,11 +4,15 @@ lowest-MRC module (``model.trainable: modules``, ``model.modules: [lowest_mrc]``
 - ``rift_mrc``: the robust model (``model.init_from``) attacked once with PGD (``attack.*``, each point's
   random start seeded by its index, points sharded over ranks and gathered), then every module's MRC
   (core.module_robust_criticality, modules sharded over ranks). Writes mrc.json/.md/.png and the robust
-  model unchanged as the stage's model, so the next stage starts from it.
+  model unchanged as the stage's model, so the next stage starts from it. SIGTERM / SIGINT stop every rank
+  after a round of modules (one per rank), their entries saved in mrc-state.json; the same command
+  measures the others only.
 - ``rift_interpolate``: theta(alpha) between the robust model (``stage.robust_from``) and the tuned one
   (``model.init_from``) for each of ``stage.alphas``, clean and robust accuracy on ``stage.select_split``
   (exact, sharded over ranks), the alpha chosen by core.select_alpha; writes alpha_curve.json/.md/.png,
-  exports the chosen model and evaluates it like any run (``eval.*`` -> results.json).
+  exports the chosen model and evaluates it like any run (``eval.*`` -> results.json). Each alpha's
+  evaluation keeps its blocks' counts (alpha<A>.eval-state.json, until the stage's model is written), so a
+  SIGTERM stops every rank at a block and the same command continues from there.
 """
 from __future__ import annotations
 
@@ -24,11 +28,12 @@ from typing import List, Optional
 from ... import dist
 from ...attacks import attack_kwargs, pgd
 from ...attacks.names import parse_attack
-from ...checkpoint import load_checkpoint, resolve, save_checkpoint
+from ...checkpoint import load_checkpoint, read_sidecar, resolve, save_checkpoint
 from ...data import load_split
-from ...evaluate import _seeded_starts, eval_attack_opts, evaluate, evaluate_run
+from ...evaluate import _seeded_starts, agreed_signal, eval_attack_opts, evaluate, evaluate_run
 from ...models import model_from_state
-from ...utils import check, shard_indices
+from ...utils import atomic_write, check, shard_indices
+from ...utils.signals import StopSignals, Stopped
 from ..base import MODULE_SELECTORS, StageConfig, register_stage
 from .core import (critical_modules, interpolate_state, module_robust_criticality, rank_modules, select_alpha,
                    write_alpha_curve, write_mrc_table)
@@ -83,6 +88,11 @@ class InterpolateConfig(StageConfig):
               "rift_interpolate needs the robust model (stage.robust_from) and the tuned one (model.init_from)")
 
 
+def _model_hash(path: str) -> str:
+    """The sha256 its sidecar records for the model a checkpoint path stands for: what saved states are tied to."""
+    return read_sidecar(resolve(path))["sha256"]["model"]
+
+
 def _load(cfg, path: str, device) -> tuple[torch.nn.Module, dict]:
     state, _ = load_checkpoint(path)
     return model_from_state(cfg.model.name, state).to(device).eval(), state
@@ -103,18 +113,58 @@ def adversarial_set(model, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]).to(device), torch.cat([p[1] for p in parts]).to(device)
 
 
+MRC_STATE = "mrc-state.json"  # the modules measured so far, until mrc.json is written
+STATE_FORMAT = "dist_robust.mrc-state/1"
+
+
+def _finished_modules(path: Path, args: dict) -> dict:
+    """The MRC entries a stopped rift_mrc stage saved with these ``args`` ({} if none, or stale)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("args") != args:
+        log.warning("rift_mrc: ignoring the state %s of other settings", path)
+        return {}
+    return state.get("modules", {})
+
+
+def _save_and_maybe_stop(path: Path, args: dict, total: int, signals: StopSignals):
+    """after_round of module_robust_criticality: rank 0 saves the entries so far; a stop signal of any
+    rank (one all_reduce) stops every rank here."""
+    def after_round(table: dict) -> None:
+        signum = agreed_signal(signals.received)
+        if dist.is_main():
+            atomic_write(path, json.dumps({"format": STATE_FORMAT, "args": args, "modules": table}).encode())
+        if signum:
+            dist.barrier()
+            raise Stopped(signum, f"after the MRC of {len(table)} of {total} modules",
+                          f"they are saved in {path}: the same command continues the stage")
+    return after_round
+
+
 @register_stage("rift_mrc", MRCConfig)
 def rift_mrc(cfg, device) -> dict:
+    """The MRC table; SIGTERM / SIGINT stop every rank after a round of modules, whose entries are saved
+    (mrc-state.json): the same command measures only the others."""
     r, folder = cfg.stage, Path(cfg.run.out_dir) / cfg.run.name
-    model, state = _load(cfg, cfg.model.init_from, device)
-    x_adv, y = adversarial_set(model, cfg, device)
-    log.info("rift_mrc: %d PGD-%d examples of %s/%s, MRC of %d modules on %d ranks", len(y), cfg.attack.steps,
-             cfg.data.name, r.mrc_split, len(critical_modules(model)), dist.world_size())
-    table = module_robust_criticality(model, x_adv, y, eps_w=r.eps_w, epochs=r.mrc_epochs, lr=r.mrc_lr,
-                                      batch_size=r.mrc_batch_size)
+    path = folder / MRC_STATE
+    args = json.loads(json.dumps({"config": cfg.to_dict(), "model": _model_hash(cfg.model.init_from)}))
+    with StopSignals() as signals:  # noted until a round's end (module_robust_criticality)
+        model, state = _load(cfg, cfg.model.init_from, device)
+        x_adv, y = adversarial_set(model, cfg, device)
+        names = critical_modules(model)
+        done = _finished_modules(path, args)
+        log.info("rift_mrc: %d PGD-%d examples of %s/%s, MRC of %d modules on %d ranks%s", len(y), cfg.attack.steps,
+                 cfg.data.name, r.mrc_split, len(names), dist.world_size(),
+                 f" ({len(done)} measured earlier: {path})" if done else "")
+        table = module_robust_criticality(model, x_adv, y, eps_w=r.eps_w, epochs=r.mrc_epochs, lr=r.mrc_lr,
+                                          batch_size=r.mrc_batch_size, done=done,
+                                          after_round=_save_and_maybe_stop(path, args, len(names), signals))
     if dist.is_main():
         write_mrc_table(table, folder)
         save_checkpoint(folder, "model", state, dict(config=cfg.to_dict(), epoch=0, step=0))
+        path.unlink(missing_ok=True)
         order = rank_modules(table)
         log.info("rift_mrc: lowest MRC %s (%.4f), highest %s (%.4f) -> %s", order[0], table[order[0]]["mrc"],
                  order[-1], table[order[-1]]["mrc"], folder / "mrc.md")
@@ -140,11 +190,14 @@ def rift_interpolate(cfg, device) -> dict:
     robust, _ = load_checkpoint(r.robust_from)
     val = load_split(cfg.data, r.select_split)
     eps, norm = cfg.attack.eps if e.eps is None else e.eps, cfg.attack.norm if e.norm is None else e.norm
+    pair = f"{_model_hash(r.robust_from)}+{_model_hash(cfg.model.init_from)}"
+    states = [folder / f"alpha{alpha:g}.eval-state.json" for alpha in sorted(r.alphas)]
     curve = []
-    for alpha in sorted(r.alphas):
+    for alpha, state in zip(sorted(r.alphas), states):  # each alpha resumable per block (evaluate's state)
         model.load_state_dict(interpolate_state(robust, tuned, alpha))
         res = evaluate(model, val, ["clean", r.select_attack], eps, cfg.data.eval_batch_size, device, seed=e.seed,
-                       norm=norm, restarts=e.restarts, attack_opts=eval_attack_opts(cfg))
+                       norm=norm, restarts=e.restarts, attack_opts=eval_attack_opts(cfg), state=state,
+                       fingerprint=f"{pair}@{alpha!r}", state_key={"dataset": cfg.data.name, "split": r.select_split})
         curve.append({"alpha": alpha, "clean": res["clean"]["acc"], "robust": res["attacks"][r.select_attack]["acc"],
                       "n": res["n"]})
         log.info("rift_interpolate: alpha %.2f  clean %.4f  %s %.4f  (%s, n=%d)", alpha, curve[-1]["clean"],
@@ -154,6 +207,8 @@ def rift_interpolate(cfg, device) -> dict:
     if dist.is_main():
         write_alpha_curve(curve, chosen, folder)
         save_checkpoint(folder, "model", model.state_dict(), dict(config=cfg.to_dict(), epoch=0, step=0, alpha=chosen))
+        for state in states:
+            state.unlink(missing_ok=True)
         log.info("rift_interpolate: chosen alpha %.2f (tau %.4g) -> %s", chosen, r.tau, folder / "alpha_curve.md")
     dist.barrier()
     if e.at_end:
