@@ -506,10 +506,30 @@ def nccl_ddp_check(backend: str = "cpu:gloo,cuda:nccl", device: str = "cuda") ->
                 opt.step()
             params.append([p.detach().clone() for p in model.parameters()])
         same = all(torch.equal(a, b) for a, b in zip(*params))
-        return {"same": same, "detail": f"DDP on a {backend} group (world 1): bf16 PGD-AT loss {loss.item():.3f}, "
-                                        f"DDP {'=' if same else '!='} plain; all_reduce {', '.join(sums)}"}
     finally:
         dist.destroy_process_group()
+    return {"same": same, "detail": f"DDP on a {backend} group (world 1): bf16 PGD-AT loss {loss.item():.3f}, "
+                                    f"DDP {'=' if same else '!='} plain; all_reduce {', '.join(sums)}; "
+                                    f"{own_group_evaluation(backend.split(',')[-1].split(':')[-1], device)}"}
+
+
+def own_group_evaluation(backend: str, device: str) -> str:
+    """evaluate_model inside a caller's own group of this one backend (nccl-only on the GPU: the common
+    user script), whose host-side counts dist.all_reduce_sum must carry on a device the group serves."""
+    import torch
+    import torch.distributed as dist
+    from dist_robust import evaluate_model
+    from dist_robust.models import build_model
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0) if backend == "nccl" else None)
+    try:
+        torch.manual_seed(0)
+        model = build_model("cnn3", 1, 10, [0.5], [0.25]).to(device)
+        data = (torch.rand(48, 1, 8, 8), torch.randint(0, 10, (48,)))
+        res = evaluate_model(model, dataset=data, attacks=["clean", "pgd-2"], eps=EPS, batch_size=16, device=device)
+    finally:
+        dist.destroy_process_group()
+    return f"evaluate_model in an own {backend}-only group: n={res['n']}, world {res['world_size']}"
 
 
 def pgd_step(model_name: str, precision: str, x, y):
