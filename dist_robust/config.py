@@ -626,3 +626,28 @@ def from_dict(d: dict) -> Config:
         return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(d)))
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+
+
+# Keys a run may change when it resumes from its checkpoints: they decide how the run is executed, checked,
+# logged or evaluated, not what it trains. Every other key is the training's: a run folder is bound to it.
+RESUMABLE = {
+    "run": ("name", "out_dir", "device"),
+    "dist": ("backend", "timeout_s", "step_timeout_s", "engine", "zero_stage"),  # the engines train alike (tested)
+    "data": ("root", "eval_batch_size", "loader", "ffcv_dir", "workers"),
+    "train": ("resume", "log_every", "checkpoint_every", "threads", "keep_checkpoints", "keep_best", "compile",
+              "channels_last"),
+    "attack": ("compile", "channels_last"),
+    "eval": ("attacks", "eps", "norm", "restarts", "split", "limit", "seed", "aa_block_size", "at_end", "precision"),
+}
+
+
+def training_changes(old: dict, new: dict) -> list[str]:
+    """The keys of a stored config (``old``, a checkpoint's) whose value a new config (``new``) changes,
+    leaving out RESUMABLE's: 'optim.lr 0.1 -> 0.05'. Both as Config.to_dict() gives them."""
+    changes = []
+    for section in sorted(old.keys() | new.keys()):
+        was, now = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(was.keys() | now.keys()):
+            if key not in RESUMABLE.get(section, ()) and was.get(key) != now.get(key):
+                changes.append(f"{section}.{key} {was.get(key)} -> {now.get(key)}")
+    return changes

@@ -14,6 +14,7 @@ cascade (attacks/autoattack.py), sharded in fixed blocks and resumable per attac
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -261,10 +262,16 @@ def eval_radius(cfg) -> tuple[float, str]:
             cfg.attack.norm if cfg.eval.norm is None else cfg.eval.norm)
 
 
-def _fingerprint(checkpoint: str) -> str:
-    """What AutoAttack's saved state is tied to: a checkpoint's recorded hash, or a weights file's own."""
+def _provenance(checkpoint: str) -> dict:
+    """What the evaluated model is: its weights' sha256 (a checkpoint's recorded hash, or a weights file's
+    own; the evaluation state is tied to it) and, for a checkpoint of this project, the sha256 of the config
+    that trained it (canonical JSON of its sidecar's ``config``)."""
     path = Path(checkpoint)
-    return read_sidecar(resolve(path))["sha256"]["model"] if path.suffix == ".json" else sha256_file(path)
+    if path.suffix != ".json":
+        return {"model_sha256": sha256_file(path)}
+    meta = read_sidecar(resolve(path))
+    config = json.dumps(meta.get("config"), sort_keys=True, separators=(",", ":")).encode()
+    return {"model_sha256": meta["sha256"]["model"], "config_sha256": hashlib.sha256(config).hexdigest()}
 
 
 def evaluate_run(cfg, model, device, checkpoint: str, out: Path, journal=None, extra: dict | None = None,
@@ -282,7 +289,8 @@ def evaluate_run(cfg, model, device, checkpoint: str, out: Path, journal=None, e
         test_set = load_split(cfg.data, e.split)
     eps, norm = eval_radius(cfg)
     radii = radii or [eps]
-    fingerprint = _fingerprint(checkpoint)
+    provenance = _provenance(checkpoint)
+    fingerprint = provenance["model_sha256"]
     t0 = time.perf_counter()
     each = []
     states = []  # the PGD / CW blocks' state files, removed once the results are written
@@ -297,7 +305,7 @@ def evaluate_run(cfg, model, device, checkpoint: str, out: Path, journal=None, e
     counts = each[0] if len(radii) == 1 else dict(
         {k: v for k, v in each[0].items() if k != "attacks"}, norm=norm,
         radii=[{"eps": r, "attacks": c["attacks"]} for r, c in zip(radii, each)])
-    results = {"dataset": cfg.data.name, "split": e.split, **counts, "checkpoint": checkpoint,
+    results = {"dataset": cfg.data.name, "split": e.split, **counts, "checkpoint": checkpoint, **provenance,
                "seconds": time.perf_counter() - t0, **(extra or {}), "config": cfg.to_dict()}
     if dist.is_main():
         write_results(out, results)

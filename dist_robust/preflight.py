@@ -13,7 +13,7 @@ from typing import Sequence
 import yaml
 
 from .checkpoint import CheckpointError, mid_epoch_layout, model_header, newest_sidecar, read_sidecar, resolve
-from .config import Config
+from .config import Config, from_dict, training_changes
 from .data import DATASETS
 from .methods import METHODS, STAGE_KINDS
 from .models.external import normalize_stats, read_weights
@@ -150,23 +150,53 @@ def _check_resume(cfg: Config, world_size: int) -> None:
 
 
 def _check_run_folder(cfg: Config) -> None:
-    """A run folder that already holds another run (model, data or method differ) is not resumed or
-    overwritten by mistake: train.resume=never starts it over on purpose."""
+    """A run folder is bound to what trained it: a new config resumes it (or finds it finished) only when
+    its training keys equal those of the run's newest checkpoint (config.RESUMABLE: the keys that may
+    change). A folder that holds another run (or only its config.yaml, when no checkpoint was written) is
+    refused, never resumed or overwritten by mistake: train.resume=never starts it over on purpose."""
     folder = Path(cfg.run.out_dir) / cfg.run.name
     why = unwritable(folder)
     if why:  # found now, not after the training, when the first file is written
         raise ConfigError(f"run.out_dir={cfg.run.out_dir!r}: {why}")
-    previous = folder / "config.yaml"
-    if cfg.train.resume == "never" or not previous.is_file():
+    if cfg.train.resume == "never":
         return
+    trained = _trained_config(folder)
+    if trained is not None:
+        changes = training_changes(trained, cfg.to_dict())
+        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        epochs = ("; to train on for more epochs, start a new run from its model (model.init_from="
+                  f"{folder / 'model.json'})" if any(c.startswith("train.epochs ") for c in changes) else "")
+        check(not changes, "run.name", cfg.run.name, f"{folder} holds a run trained with other settings "
+              f"({', '.join(changes[:3])}{more}): choose another run.name, or train.resume=never to train "
+              f"it again from the start{epochs}")
+        return
+    previous = folder / "config.yaml"
     try:
-        old = yaml.safe_load(previous.read_text()) or {}
+        old = yaml.safe_load(previous.read_text()) or {} if previous.is_file() else {}
     except (OSError, yaml.YAMLError):
         return
     for section, key in (("model", "name"), ("data", "name"), ("method", "name")):
         was, now = (old.get(section) or {}).get(key), getattr(getattr(cfg, section), key)
         check(was in (None, now), "run.name", cfg.run.name, f"{previous.parent} holds another run ({section}.{key} "
               f"{was}, here {now}): choose another run.name, or train.resume=never to start it over")
+
+
+def _trained_config(folder: Path) -> dict | None:
+    """The config of what ``folder`` holds: its newest training checkpoint's (where a resume continues),
+    else its exported model's; in the current schema (keys added since it was written get their
+    defaults). None when nothing was trained there."""
+    meta = newest_sidecar(folder / "checkpoints") if (folder / "checkpoints").is_dir() else None
+    if meta is None and (folder / "model.json").is_file():
+        try:
+            meta = read_sidecar(folder / "model.json")
+        except CheckpointError:
+            meta = None
+    if not meta or "config" not in meta:
+        return None
+    try:
+        return from_dict(meta["config"]).to_dict()
+    except ConfigError:
+        return meta["config"]
 
 
 def run_folder_view(stages: Sequence[Config]) -> dict:

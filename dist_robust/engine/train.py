@@ -477,7 +477,11 @@ def finished_results(cfg: Config) -> dict | None:
         results = json.loads((folder / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    return results if isinstance(results, dict) and results.get("config") == cfg.to_dict() else None
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        return None
+    now = cfg.to_dict()
+    now["train"] = dict(now["train"], resume=results["config"].get("train", {}).get("resume"))  # how, not what
+    return results if results["config"] == now else None
 
 
 def train(cfg: Config, device: torch.device) -> dict | None:
