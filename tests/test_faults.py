@@ -59,10 +59,13 @@ def test_a_mid_epoch_checkpoint_refuses_another_batch_layout(tmp_path, monkeypat
     monkeypatch.undo()
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
-    # refused by preflight, before any rank starts: exit 2, nothing written
-    assert main(_args(tmp_path, "r", "train.checkpoint_every=4", "data.batch_size=32")) == 2
+    # another world size (2 ranks, as the environment says), refused by preflight before any rank starts:
+    # exit 2, nothing written (another data.batch_size is another training: refused as such, test_provenance)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(_args(tmp_path, "r", "train.checkpoint_every=4")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "written inside an epoch (step 4)" in err[0] and "data.batch_size=64" in err[0], err
+    assert len(err) == 1 and "written inside an epoch (step 4) by 1 ranks" in err[0] and "auto_epoch" in err[0], err
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()} == before
 
 
@@ -171,13 +174,16 @@ def small_disk(tmp_path):
         yield disk
 
 
-def test_a_full_disk_is_one_clear_line_and_keeps_the_previous_checkpoint(small_disk, capsys):
-    assert main(_args(small_disk, "r", "train.epochs=1")) == 0
+def test_a_full_disk_is_one_clear_line_and_keeps_the_previous_checkpoint(small_disk, monkeypatch, capsys):
+    die_at_step(monkeypatch, 23)  # the first step of epoch 2 (22 steps an epoch): epoch 1's checkpoint written
+    with pytest.raises(Stop):
+        main(_args(small_disk, "r"))
+    monkeypatch.undo()
     ckpts = small_disk / "r" / "checkpoints"
     before = {p.name: p.read_bytes() for p in ckpts.iterdir()}
     (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 100_000))
     capsys.readouterr()
-    assert main(_args(small_disk, "r", "train.epochs=2")) == 1  # epoch 2's checkpoint does not fit
+    assert main(_args(small_disk, "r")) == 1  # resumed, epoch 2's checkpoint does not fit
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("dist-robust: error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
