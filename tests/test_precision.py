@@ -45,9 +45,12 @@ def test_fp16_skips_the_overflowing_steps_logs_them_and_still_learns(precision_r
     out, outcomes = precision_runs
     _ranks_identical_and_finite(out, "fp16", outcomes)
     losses, epochs = _losses(out / "fp16")
-    # 2**20 halves to 2**17 before the scaled gradients fit in fp16: 3 skipped steps, all in the first epoch
-    assert epochs[0]["skipped_steps"] == epochs[-1]["skipped_steps"] == 3
-    assert epochs[-1]["loss_scale"] == 2.0 ** 17
+    # 2**20 is halved at each overflow until the scaled gradients fit in fp16: a few skipped steps (3 on one
+    # machine, 2 on another: the gradients' size differs in the last bits), all in the first epoch, each
+    # one halving of the scale
+    skipped = epochs[0]["skipped_steps"]
+    assert 1 <= skipped <= 5 and epochs[-1]["skipped_steps"] == skipped
+    assert epochs[-1]["loss_scale"] == 2.0 ** (20 - skipped)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1  # measured: 2.40 -> 2.22 in 20 steps
 
 
