@@ -43,13 +43,16 @@ def eval_attack_opts(cfg) -> dict:
 
 
 def _seeded_starts(x: torch.Tensor, first_index: int, seed: int, restart: int, eps: float, norm: str):
-    """Each point's random start, seeded by its global index (independent of batch and rank)."""
+    """Each point's random start, seeded by its global index (independent of batch and rank). Each is drawn
+    and shaped on the CPU (random_start with a generator computes there), then the batch goes to x's
+    device in one copy, not one per point."""
     g = torch.Generator()
+    point = torch.empty((1, *x.shape[1:]), dtype=x.dtype)  # a CPU stand-in for one point: its shape and dtype
     starts = []
     for i in range(len(x)):
         g.manual_seed((seed * 1_000_003 + restart) * 1_000_000_007 + first_index + i)
-        starts.append(random_start(x[i:i + 1], eps, norm, generator=g))
-    return torch.cat(starts)
+        starts.append(random_start(point, eps, norm, generator=g))
+    return torch.cat(starts).to(x.device)
 
 
 @torch.no_grad()

@@ -101,7 +101,12 @@ def exported_model(sidecar: Path, device: torch.device) -> torch.nn.Module:
 def step_flags(loss: torch.Tensor, signalled: int | None) -> tuple[list[int], int | None]:
     """(the ranks whose loss is NaN or infinite, the stop signal a rank received or None), known to every
     rank from one all_reduce of two flags per rank: a rank that stopped alone would leave the others
-    waiting in DDP's all_reduce until the timeout."""
+    waiting in DDP's all_reduce until the timeout.
+
+    The training loop's one host sync per step, and one it cannot drop: the loss must be known finite
+    before the update (a non-finite one stops the run before it), and every rank must stop at the same
+    step, so the host reads the reduced flags before it calls the optimizer (bench/host_syncs.py: 33 us
+    a call on 2 CPU cores in a 1-rank gloo group; the metrics' sums no longer add a sync per step)."""
     flags = torch.zeros(2, dist.world_size(), device=loss.device)
     flags[0, dist.rank()] = (~torch.isfinite(loss.detach())).float()
     flags[1, dist.rank()] = signalled or 0
@@ -221,14 +226,27 @@ def _totals(saved) -> dict:
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
 
 
+def host_totals(totals: dict) -> dict:
+    """The running sums (float64 tensors, on the training device or the CPU) as Python floats, read with
+    one device-to-host copy: the loop keeps them on the device and reads them only at its log steps,
+    checkpoints and the epoch's end."""
+    names = list(totals)
+    values = [torch.as_tensor(totals[k], dtype=torch.float64).reshape(()) for k in names]
+    device = next((v.device for v in values if v.device.type != "cpu"), torch.device("cpu"))
+    return dict(zip(names, torch.stack([v.to(device) for v in values]).tolist())) if names else {}
+
+
 def epoch_summary(totals: dict, seconds: float, trained=None, **where) -> dict:
-    """Every metric the method returned, summed over all ranks (one all_reduce) and divided by the
-    images seen: loss_sum -> loss, correct -> train_acc, any other ``X_sum`` -> X, a count -> its rate.
+    """Every metric the method returned (``totals``: this rank's sums, tensors or floats), summed over all
+    ranks (one all_reduce) and divided by the images seen: loss_sum -> loss, correct -> train_acc, any
+    other ``X_sum`` -> X, a count -> its rate.
     images_per_s: the images trained in ``seconds``, ``trained`` of this rank (default: its ``n``); after
     a mid-epoch resume ``n`` also counts the images an earlier process trained."""
     names = sorted(totals)
-    own = totals["n"] if trained is None else torch.as_tensor(trained, dtype=torch.float64)
-    *sums, images = dist.all_reduce_sum(torch.stack([totals[k] for k in names] + [own])).tolist()
+    host = host_totals(totals)
+    own = host["n"] if trained is None else float(trained)
+    sums = torch.tensor([host[k] for k in names] + [own], dtype=torch.float64)
+    *sums, images = dist.all_reduce_sum(sums).tolist()
     summed = dict(zip(names, sums))
     n = summed["n"]
     out = dict(where, loss=summed["loss_sum"] / n, train_acc=summed["correct"] / n)
@@ -341,10 +359,11 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     run.loader.set_epoch(epoch)
     first = run.start_batch if epoch == run.start_epoch else 0
     run.model.train()
-    totals = _totals(run.resumed_totals if first else {})  # metric -> this rank's sum over the epoch's batches
+    # metric -> this rank's float64 sum over the epoch's batches, kept on the device (no host sync per step)
+    totals = _totals(run.resumed_totals if first else {})
     resumed_n = float(totals.get("n", 0.0))  # images trained by an earlier process: not in this one's rate
     t0 = t_logged = time.perf_counter()
-    at_logged = dict(totals)  # the totals at the last logged step: the step records' rates are since then
+    at_logged = host_totals(totals)  # the totals at the last logged step: the step records' rates are since then
     batches = enumerate(run.loader.iter_from(epoch, first), first + 1)
     for batch, (x, y) in progress(batches, steps_per_epoch - first, f"epoch {epoch + 1}/{epochs}"):
         lr = lr_at(run.step, steps_per_epoch, cfg.optim, epochs)
@@ -364,22 +383,24 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         if batch == first + 1 and epoch == run.start_epoch:  # this process's first step: start-up is over
             dist.set_timeout(cfg.dist.step_timeout_s)
         for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + value.detach().double().cpu()
+            totals[name] = totals.get(name, 0.0) + value.detach().double()
         if run.step % cfg.train.log_every == 0:
-            now, since = time.perf_counter(), {k: float(v - at_logged.get(k, 0.0)) for k, v in totals.items()}
+            now, host = time.perf_counter(), host_totals(totals)
+            since = {k: v - at_logged.get(k, 0.0) for k, v in host.items()}
             rates = {"images_per_s": since["n"] * dist.world_size() / (now - t_logged)}  # equal rank batches
             if "attack_success" in since:  # rank 0's batches since the last logged step
                 rates["attack_success"] = since["attack_success"] / since["n"]
             run.journal.write(kind="step", epoch=epoch + 1, step=run.step, lr=lr, loss=loss.item(), **rates)
-            t_logged, at_logged = now, dict(totals)
+            t_logged, at_logged = now, host
         every = cfg.train.checkpoint_every
         if ((every and run.step % every == 0) or run.stop) and batch < steps_per_epoch:
             run.save(f"step_{run.step:08d}", epoch=epoch, batch=batch, step=run.step, steps_per_epoch=steps_per_epoch,
-                     totals=dist.all_gather_objects({k: float(v) for k, v in totals.items()}))
+                     totals=dist.all_gather_objects(host_totals(totals)))
             if run.stop:  # at the epoch's last batch the epoch's own checkpoint comes first (train())
                 raise Stopped(run.stop, f"at step {run.step} (epoch {epoch + 1}, batch {batch})")
     seconds = time.perf_counter() - t0
-    summary = epoch_summary(totals, seconds, float(totals["n"]) - resumed_n, epoch=epoch + 1, step=run.step, lr=lr)
+    host = host_totals(totals)
+    summary = epoch_summary(host, seconds, host["n"] - resumed_n, epoch=epoch + 1, step=run.step, lr=lr)
     if run.trainer.scaler is not None:  # the same on every rank: not reduced
         summary.update(skipped_steps=run.trainer.scaler.skipped, loss_scale=run.trainer.scaler.scale)
     run.journal.write(kind="epoch", **summary)
