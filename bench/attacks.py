@@ -3,9 +3,13 @@
     .venv/bin/python bench/attacks.py [--batches 64,256] [--widths 32,64] [--repeats 10]
 
 For each model size (cnn3 at two widths) and batch size, on real MNIST with a model trained here:
-  PGD step / clean training step      (eager and fused; bound ~0.67)
-  our PGD-10 / torchattacks PGD-10    (fp32 eager, bf16 eager and fp32 fused; target <= 0.7 at equal
-                                       accuracy), with every variant's robust accuracy on the same points
+  PGD step / clean training step      (eager with and without the folded eval-mode BN, fused; bound ~0.67)
+  folded / unfolded                   the eager fp32 PGD step and PGD-10 with pgd()'s fold_bn (the
+                                       default) against fold_bn=False (attacks/folded_bn.py; bitwise the
+                                       same x_adv, checked here; bf16 is not folded)
+  our PGD-10 / torchattacks PGD-10    (fp32 eager folded and unfolded, bf16 eager, fp32 fused; target <= 0.7
+                                       at equal accuracy), with every variant's robust accuracy on the same
+                                       points
 (AutoAttack against fra31's reference: bench/autoattack.py.)
 Each comparison is timed interleaved (reference, A, B, reference, A, B ..., same batch and process,
 warm-up and compilation excluded): the median of the per-round ratios with their min and max.
@@ -27,7 +31,7 @@ import torchattacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved  # noqa: E402
+from timing import interleaved, pair_ratio  # noqa: E402
 from dist_robust.attacks import pgd  # noqa: E402
 from dist_robust.data import load_dataset  # noqa: E402
 from dist_robust.models import build_model  # noqa: E402
@@ -71,25 +75,33 @@ def bench_pgd(model, x, y, repeats: int) -> dict:
     pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="on")  # compiles (cached per model and settings)
     compile_s = time.perf_counter() - t0
     ref = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=10, random_start=True)
-    ours = {"eager": dict(compile="off"), "bf16": dict(compile="off", precision="bf16"), "fused": dict(compile="on")}
+    ours = {"eager": dict(compile="off"), "eager_unfolded": dict(compile="off", fold_bn=False),
+            "bf16": dict(compile="off", precision="bf16"), "fused": dict(compile="on")}
     # Two interleaved measurements, each against its reference: the steps against a clean training step,
-    # our PGD-10 variants against torchattacks'.
+    # our PGD-10 variants against torchattacks'. Folded against unfolded: the pairs' per-round ratios.
     steps = interleaved({"clean_step": clean_step,
                          "pgd_step_eager": lambda: pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="off"),
+                         "pgd_step_unfolded": lambda: pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="off",
+                                                          fold_bn=False),
                          "pgd_step_fused": lambda: pgd(model, x, y, EPS, 1, step_size=ALPHA, compile="on")}, repeats)
     pgd10 = interleaved({"torchattacks": lambda: ref(x, y),
                          **{k: (lambda kw=kw: pgd(model, x, y, EPS, 10, step_size=ALPHA, **kw)) for k, kw in ours.items()}},
                         repeats)
     r = {"clean_step_s": steps["clean_step"]["median_s"], "compile_s": compile_s, "ratios": {}}
-    for k in ("pgd_step_eager", "pgd_step_fused"):
+    for k in ("pgd_step_eager", "pgd_step_unfolded", "pgd_step_fused"):
         r["ratios"][f"{k}/clean_step"] = _ratio(steps[k])
     for k in ours:
         r["ratios"][f"pgd10_{k}/torchattacks"] = _ratio(pgd10[k])
+    r["ratios"]["pgd_step_folded/unfolded"] = pair_ratio(steps, "pgd_step_unfolded", "pgd_step_eager")
+    r["ratios"]["pgd10_folded/unfolded"] = pair_ratio(pgd10, "eager_unfolded", "eager")
     torch.manual_seed(1)
     r["acc_pgd10_torchattacks"] = accuracy(model, ref(x, y), y)
+    adv = {}
     for k, kw in ours.items():
         torch.manual_seed(1)
-        r[f"acc_pgd10_{k}"] = accuracy(model, pgd(model, x, y, EPS, 10, step_size=ALPHA, **kw), y)
+        adv[k] = pgd(model, x, y, EPS, 10, step_size=ALPHA, **kw)
+        r[f"acc_pgd10_{k}"] = accuracy(model, adv[k], y)
+    r["folded_bitwise_equal"] = torch.equal(adv["eager"], adv["eager_unfolded"])
     return r
 
 
@@ -115,16 +127,20 @@ def main() -> None:
                          "batch": batch, **bench_pgd(model, x, y, args.repeats)})
 
     fmt = lambda q: f"{q['median']:.2f} [{q['min']:.2f}, {q['max']:.2f}]"
-    print("| model | params | batch | clean step ms | PGD step / clean | fused step / clean | PGD-10 eager / ta "
-          "| PGD-10 bf16 / ta | PGD-10 fused / ta | robust %: ta / eager / bf16 / fused | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | params | batch | clean step ms | PGD step / clean | unfolded step / clean | fused step / clean "
+          "| step folded / unfolded | PGD-10 folded / unfolded | PGD-10 eager / ta | unfolded / ta "
+          "| bf16 / ta | fused / ta | robust %: ta / eager / bf16 / fused | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         q = r["ratios"]
         accs = " / ".join(f"{100 * r[f'acc_pgd10_{k}']:.1f}" for k in ("torchattacks", "eager", "bf16", "fused"))
         print(f"| {r['model']} | {r['params']:,} | {r['batch']} | {1e3 * r['clean_step_s']:.1f} | "
-              f"{fmt(q['pgd_step_eager/clean_step'])} | {fmt(q['pgd_step_fused/clean_step'])} | "
-              f"{fmt(q['pgd10_eager/torchattacks'])} | {fmt(q['pgd10_bf16/torchattacks'])} | "
-              f"{fmt(q['pgd10_fused/torchattacks'])} | {accs} | {r['compile_s']:.0f} |")
+              f"{fmt(q['pgd_step_eager/clean_step'])} | {fmt(q['pgd_step_unfolded/clean_step'])} | "
+              f"{fmt(q['pgd_step_fused/clean_step'])} | {fmt(q['pgd_step_folded/unfolded'])} | "
+              f"{fmt(q['pgd10_folded/unfolded'])} | "
+              f"{fmt(q['pgd10_eager/torchattacks'])} | {fmt(q['pgd10_eager_unfolded/torchattacks'])} | "
+              f"{fmt(q['pgd10_bf16/torchattacks'])} | {fmt(q['pgd10_fused/torchattacks'])} | {accs} | "
+              f"{r['compile_s']:.0f} |")
     out = Path(__file__).parent / "results" / "attacks.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "machine": platform.node(),

@@ -11,12 +11,14 @@ so a new shape compiles anew instead.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 from torch import nn
 
 from ..utils import autocast
+from .folded_bn import FoldedBatchNorm
 from .steps import ascend, attack_loss
 
 # compile=auto: measured by bench/attacks.py (see docs/evaluation.md). On the 2-core CPU here the fused step ran
@@ -39,10 +41,14 @@ def _raw_step(net, loss, norm, targeted, kappa, precision):
     return step
 
 
-def eager_step(net, loss, norm, targeted, kappa, precision):
+def eager_step(net, loss, norm, targeted, kappa, precision, fold_bn: bool = False):
+    """The step in eager mode; ``fold_bn``: eval-mode BN layers take the folded backward (folded_bn.py),
+    bitwise the same gradient."""
+    folding = FoldedBatchNorm() if fold_bn else contextlib.nullcontext()
+
     def step(x, delta, y, clean_lp, eps: float, alpha: float):
         delta = delta.detach().requires_grad_(True)
-        with autocast(precision, x.device.type):
+        with autocast(precision, x.device.type), folding:
             value = attack_loss(loss, net, x + delta, y, targeted, clean_lp, kappa)
         (grad,) = torch.autograd.grad(value.float().sum(), delta)
         with torch.no_grad():
@@ -77,11 +83,12 @@ def use_compile(mode: str, device_type: str) -> bool:
 
 
 def make_step(net: nn.Module, loss, norm: str, targeted: bool, kappa: float, precision: str, mode: str,
-              x: torch.Tensor):
+              x: torch.Tensor, fold_bn: bool = False):
     """The step function for these settings; compiled ones are cached per model and settings.
-    Custom (callable) losses always run eagerly: they may do anything."""
+    Custom (callable) losses always run eagerly: they may do anything. ``fold_bn`` applies to the eager
+    step only (inductor compiles BN its own way)."""
     if callable(loss) or not use_compile(mode, x.device.type):
-        return eager_step(net, loss, norm, targeted, kappa, precision)
+        return eager_step(net, loss, norm, targeted, kappa, precision, fold_bn)
     key = (loss, norm, targeted, kappa, precision, net.training)
     cache = _compiled.setdefault(net, {})
     if key not in cache:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..dist import unwrap
 from ..utils import PRECISIONS, autocast
+from .folded_bn import has_batch_norm
 from .fused import make_step
 from .steps import LOSSES, LossFn, ascend, attack_loss, cw_margin, random_start  # noqa: F401 (re-exported)
 
@@ -71,7 +72,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
         loss: Union[str, LossFn] = "ce", step_size: Optional[float] = None, random_init: bool = True,
         restarts: int = 1, targeted: bool = False, bn_mode: str = "eval", bn_branch: Optional[str] = None,
         kappa: float = 0.0, delta0: Optional[torch.Tensor] = None, compile: str = "off",
-        precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+        precision: str = "fp32", channels_last: bool = False, fold_bn: bool = True) -> torch.Tensor:
     """Projected gradient ascent of ``loss`` in the ``norm`` ball of radius ``eps`` around x, inside
     [0, 1]. Returns x + delta, detached. ``y``: true labels, or targets when ``targeted``.
 
@@ -79,6 +80,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
     restart that fools the model, else the one with the highest loss). delta0: the first restart's
     start (the evaluator seeds one per point); later restarts draw from torch's RNG.
     compile: off | on | auto (see fused.py). precision: fp32, or bf16 autocast (CPU, CUDA) / fp16 (CUDA).
+    fold_bn: the eager step's eval-mode BN layers on the CPU take their input gradient as a per-channel
+    scale, without the reductions torch's backward does for the weights (folded_bn.py): bitwise the same
+    x_adv, cheaper steps; False runs torch's own BN backward.
     """
     _check_args(eps, steps, norm, restarts, precision, x)
     alpha = eps / 4 if step_size is None else step_size
@@ -92,7 +96,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: i
         if loss == "kl":
             with torch.no_grad():
                 clean_lp = F.log_softmax(net(x), 1)
-        step = make_step(net, loss, norm, targeted, kappa, precision, compile, x)
+        step = make_step(net, loss, norm, targeted, kappa, precision, compile, x, fold_bn and has_batch_norm(net))
         best, best_loss, best_fooled = None, None, None
         for r in range(restarts):
             if r == 0 and delta0 is not None:
