@@ -1,6 +1,7 @@
 """Shared test helpers: real multi-process gloo groups on CPU, tiny recipes, and the one 2-rank
 reference run that every test comparing against "an unbroken 2-rank PGD-AT run" reuses."""
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -192,6 +193,29 @@ def same_weights(a: Path, b: Path) -> bool:
     from safetensors.torch import load_file
     x, y = load_file(a), load_file(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def logged_step(run: Path) -> int:
+    """The newest step a run's log.jsonl records (0 before it has one), for tests that act mid-run."""
+    try:
+        lines = (run / "log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except ValueError:
+            pass  # a line being written
+    return max(steps, default=0)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's ranks, say)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 @contextlib.contextmanager

@@ -8,38 +8,15 @@ import random
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ENV, QUICKSTART, REFERENCE, ROOT, same_weights, torchrun_cmd
+from conftest import ENV, QUICKSTART, REFERENCE, ROOT, children, logged_step, same_weights, torchrun_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 FAULTS, SEED, MAX_RESTARTS = 5, 0, 3
 STEPS = 44  # the reference run: 2 epochs of 22 steps
-
-
-def _logged_step(run: Path) -> int:
-    try:
-        lines = (run / "log.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line).get("step", 0))
-        except ValueError:
-            pass  # a line being written
-    return max(steps, default=0)
-
-
-def _ranks(launcher: int) -> list[int]:
-    """torchrun's current worker processes."""
-    try:
-        return [int(p) for p in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
 
 
 def _start(args):
@@ -58,12 +35,12 @@ def test_a_run_hit_by_random_kills_and_stops_ends_bitwise_as_the_unbroken_one(tm
     try:
         for moment in moments:
             deadline = time.time() + 300
-            while _logged_step(run) < moment or len(_ranks(proc.pid)) < 2:
+            while logged_step(run) < moment or len(children(proc.pid)) < 2:
                 assert proc.poll() is None, "".join(outputs) + proc.stdout.read()[-3000:]
                 assert time.time() < deadline, f"no step {moment} after 300 s"
                 time.sleep(0.02)
             if kills < MAX_RESTARTS and rng.random() < 0.6:  # a rank dies; torchrun restarts the group
-                os.kill(rng.choice(_ranks(proc.pid)), signal.SIGKILL)
+                os.kill(rng.choice(children(proc.pid)), signal.SIGKILL)
                 kills += 1
                 events.append(f"SIGKILL of a rank at step {moment}")
             else:  # the node is told to stop: the run stops with a checkpoint and is started again by hand

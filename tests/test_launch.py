@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REFERENCE, TINY, launcher_env, same_weights
+from conftest import REFERENCE, TINY, launcher_env, logged_step, same_weights
 
 pytestmark = pytest.mark.multiproc  # every test here starts rank processes or launchers
 
@@ -68,20 +68,6 @@ def _two_nodes(tmp_path: Path, args, tag: str):
     return port, procs, logs
 
 
-def _logged_step(run: Path) -> int:
-    try:
-        lines = (run / "log.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line).get("step", 0))
-        except ValueError:
-            pass  # a line being written
-    return max(steps, default=0)
-
-
 def test_torchrun_sh_two_nodes_c10d_stopped_by_sigterm_resume_bitwise(tmp_path, reference):
     """The reference run (conftest) on two "nodes" of one rank each meeting at a c10d rendezvous: SIGTERM
     to both agents mid-epoch (what scancel or a preemption sends to each node's step) stops both ranks at
@@ -96,7 +82,7 @@ def test_torchrun_sh_two_nodes_c10d_stopped_by_sigterm_resume_bitwise(tmp_path, 
     port, procs, logs = _two_nodes(tmp_path, args, "stopped")
     try:
         deadline = time.monotonic() + 240
-        while _logged_step(run) < 6:  # inside the first epoch (22 steps), past a step checkpoint
+        while logged_step(run) < 6:  # inside the first epoch (22 steps), past a step checkpoint
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
                 "\n\n".join(log.read_text()[-3000:] for log in logs)
             time.sleep(0.05)

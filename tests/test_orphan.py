@@ -3,7 +3,6 @@ its own, so without the watch a SIGKILLed agent leaves its ranks training, unsee
 folder's lock. With it, both ranks of a 2-rank run whose torchrun alone is SIGKILLed stop at one step
 with its checkpoint and release the lock; a process whose launcher died before the watch began stops at
 once; a command typed in a shell is not watched; a rank that ignores the SIGTERM is SIGKILLed."""
-import json
 import os
 import signal
 import subprocess
@@ -14,31 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV, QUICKSTART, REFERENCE, ROOT, torchrun_cmd
+from conftest import ENV, QUICKSTART, REFERENCE, ROOT, children, logged_step, torchrun_cmd
 from dist_robust.orphan import launched
 
 pytestmark = pytest.mark.multiproc
-
-
-def _logged_step(run: Path) -> int:
-    try:
-        lines = (run / "log.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line).get("step", 0))
-        except ValueError:
-            pass  # a line being written
-    return max(steps, default=0)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
 
 
 def _running(pid: int) -> bool:
@@ -59,10 +37,10 @@ def test_ranks_stop_with_a_checkpoint_when_only_torchrun_is_sigkilled(tmp_path):
     ranks = []
     try:
         deadline = time.time() + 240
-        while _logged_step(run) < 2 or len(_children(proc.pid)) < 2:  # inside the first epoch (22 steps)
+        while logged_step(run) < 2 or len(children(proc.pid)) < 2:  # inside the first epoch (22 steps)
             assert proc.poll() is None and time.time() < deadline, out.read_text()[-3000:]
             time.sleep(0.05)
-        ranks = _children(proc.pid)
+        ranks = children(proc.pid)
         proc.kill()  # the agent alone: its ranks are in sessions of their own and do not get it
         proc.wait()
         killed = time.monotonic()

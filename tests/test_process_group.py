@@ -2,7 +2,6 @@
 meets, the collectives the engine makes and the devices of their tensors, the timeout after the first
 step, and a run folder that the nodes do not share."""
 import json
-import os
 import socket
 import subprocess
 import sys
