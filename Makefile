@@ -2,7 +2,10 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# The install stamp is named by the content of the files install reads, not compared by time: a clone,
+# checkout or copy gives files new times, and the same content must not reinstall.
+INSTALL_INPUTS := requirements.txt requirements-build.txt requirements-nodeps.txt setup.cfg pyproject.toml
+STAMP := $(VENV)/.installed-$(shell cat $(INSTALL_INPUTS) | sha256sum | cut -c1-16)
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 NPROC ?= 2
 TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dist_robust train
@@ -11,8 +14,8 @@ TORCHRUN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node
 
 install: $(STAMP) $(FASHION)
 
-# Re-runs only when a requirements file or the package metadata changes, so a second call is instant.
-$(STAMP): requirements.txt requirements-build.txt requirements-nodeps.txt setup.cfg pyproject.toml
+# Re-runs only when the content of a requirements file or of the package metadata changes.
+$(STAMP):
 	@$(MAKE) --no-print-directory ffcv-system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -22,6 +25,7 @@ $(STAMP): requirements.txt requirements-build.txt requirements-nodeps.txt setup.
 	# packages whose declared pins would break the environment: no dependencies
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 
 # FFCV compiles against OpenCV and libjpeg-turbo: their Debian development packages.
