@@ -1,4 +1,5 @@
-"""``evaluate_model``: the exact sharded evaluation of any ``torch.nn.Module``, from Python.
+"""The Python API: ``evaluate_model``, the exact sharded evaluation of any ``torch.nn.Module``;
+``load_dataset``, a registered dataset's tensors; ``load_model``, a trained run's model.
 
 The model takes images in [0, 1] (its own normalisation inside, as every model here) and returns
 logits. The same call works in a plain process and in every rank of ``torchrun``: under torchrun the
@@ -98,3 +99,24 @@ def evaluate_model(model: torch.nn.Module, dataset="mnist", attacks: Sequence[st
     opts = dict(compile="auto", precision=precision, channels_last=False)
     return evaluate(model, data, [a for a in attacks if a != "clean"], radius, batch_size, device, limit=limit,
                     seed=seed, norm=norm, restarts=restarts, attack_opts=opts, aa_block_size=aa_block_size)
+
+
+def load_dataset(name: str, split: str = "train", *, root: str | None = None,
+                 image_size: int | None = None, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a registered dataset's split ("train" or "test"), as training reads them:
+    images uint8 [N, C, H, W], labels int64 [N]; ``root`` for the datasets read from user files
+    (cifar10, imagefolder, ...), imagefolder's ``image_size`` and ``channels`` (1 or 3) to resize or
+    convert (None: as its training images are). Fresh tensors, the caller's to change;
+    ``dataset=(images.float() / 255, labels)`` evaluates them with ``evaluate_model``."""
+    from .data import load_dataset as cached
+    data = cached(name, split, root=root, image_size=image_size, channels=channels)
+    return data.images.clone(), data.labels.clone()
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained model a run holds, in eval mode: ``path`` a run folder (its ``model.json``, else its
+    last good checkpoint), a ``model.json`` or an epoch or step checkpoint's sidecar. It takes images in
+    [0, 1] (its normalisation inside) and returns logits, as ``evaluate_model`` expects."""
+    from .checkpoint import resolve
+    from .engine.train import exported_model
+    return exported_model(resolve(path), torch.device(device)).eval()

@@ -87,3 +87,32 @@ def test_the_readme_example_runs(tmp_path):
                        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("500 points: clean") and "'aa'" in r.stdout, r.stdout
+
+
+def test_the_public_api_is_listed():
+    import dist_robust
+    assert set(dist_robust.__all__) == {"evaluate_model", "load_dataset", "load_model"}
+    assert set(dist_robust.__all__) <= set(dir(dist_robust))
+    assert all(callable(getattr(dist_robust, name)) for name in dist_robust.__all__)
+
+
+def test_load_dataset_gives_the_caller_its_own_tensors():
+    from dist_robust import load_dataset
+    images, labels = load_dataset("digits", "test")
+    assert images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] == 1 and labels.dtype == torch.int64
+    images.zero_()  # the caller's to change: a second call is untouched
+    again, _ = load_dataset("digits", "test")
+    assert again.max() > 0
+
+
+def test_load_model_gives_the_run_its_counts(reference):
+    """The model of the shared reference run, loaded from its folder and evaluated from Python on the
+    points its results.json counted, gives the same clean count."""
+    import json
+    from dist_robust import evaluate_model, load_dataset, load_model
+    model = load_model(reference)
+    assert not model.training
+    recorded = json.loads((reference / "results.json").read_text())
+    images, labels = load_dataset("digits", recorded["split"] if recorded["split"] != "val" else "train")
+    results = evaluate_model(model, (images, labels), ["clean"], limit=recorded["n"], batch_size=64)
+    assert results["clean"]["correct"] == recorded["clean"]["correct"]
