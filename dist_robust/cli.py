@@ -73,12 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", metavar="PATH",
                    help="a run folder, a folder of runs (searched for results.json and eval-*.json), a results "
                         "file (results.json, or one written by dist-robust eval), or a comparison of methods "
-                        "(results/finetune.json, drawn by --plot); unreadable paths are skipped with a warning")
+                        "(results/finetune.json, drawn by --plot); unreadable paths and unfinished runs are "
+                        "skipped with a warning each")
     r.add_argument("--plot", metavar="DIR", default=None,
                    help="also write PNGs into DIR: curves.png (loss, training accuracy, lr and validation "
                         "accuracy of the runs with a log.jsonl), eps.png (accuracy against eps of the "
                         "multi-radius eval files), scatter.png (clean against PGD-20 accuracy of a "
-                        "results/finetune.json)")
+                        "results/finetune.json), clean_vs_robust.png (clean against robust accuracy, one point "
+                        "per results file)")
     return p
 
 

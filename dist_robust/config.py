@@ -442,11 +442,25 @@ def _all_keys(schema, prefix: str = "") -> list[str]:
     return keys
 
 
+# Other libraries' names of our keys (a name -> our name, or our whole key where the name alone is too
+# common), tried before the spelling: difflib finds typos, not synonyms (optim.learning_rate is spelt
+# closer to optim.decay_frac than to optim.lr). Only keys of the schema are ever suggested.
+SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_workers": "workers",
+            "n_workers": "workers", "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs",
+            "random_seed": "seed", "epsilon": "eps", "alpha": "step_size", "num_steps": "steps",
+            "iterations": "steps", "scheduler": "schedule", "lr_schedule": "schedule", "arch": "model.name",
+            "architecture": "model.name", "pretrained": "weights", "output_dir": "out_dir",
+            "log_interval": "log_every", "amp": "precision", "mixed_precision": "precision"}
+
+
 def _did_you_mean(key: str, schema) -> str:
-    """' (did you mean optim.lr?)': a key of the same name in another section, else the closest spelling."""
+    """' (did you mean optim.lr?)': a key of the same name (or a synonym's) in another section, else the
+    closest spelling."""
     keys = _all_keys(schema)
-    leaf = key.rpartition(".")[2]
-    same_leaf = [k for k in keys if k.rpartition(".")[2] == leaf]
+    section, _, leaf = key.rpartition(".")
+    leaf = SYNONYMS.get(leaf, leaf)
+    same_leaf = [k for k in keys if leaf in (k, k.rpartition(".")[2])]
+    same_leaf = [k for k in same_leaf if k.rpartition(".")[0] == section] or same_leaf  # optim.learning_rate
     close = same_leaf or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     return f" (did you mean {' or '.join(close[:2])}?)" if close else ""
 

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # before pyplot is imported: it picks its backend on impo
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .report import Found, format_eps, model_name, read_log
+from .report import Found, format_eps, model_name, radii, read_log, run_label
 
 PERCENT = FuncFormatter(lambda v, _: f"{v:g}%")
 
@@ -25,11 +25,14 @@ def write_plots(found: Found, out: Path) -> list[Path]:
     plt.rcParams.update({"font.size": 11, "axes.grid": True, "grid.alpha": 0.3, "savefig.dpi": 120})
     written = [curves(found.run_dirs, out / "curves.png"),
                eps_curves([(p, r) for p, r in found.results if isinstance(r.get("radii"), list)], out / "eps.png"),
-               scatter(found.comparisons, out / "scatter.png")]
+               scatter(found.comparisons, out / "scatter.png"),
+               clean_robust(found.results, out / "clean_vs_robust.png")]
     return [p for p in written if p is not None]
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path) -> Path | None:
+    if fig is None:
+        return None
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -76,6 +79,10 @@ def _line(ax, points, **kw):
 
 
 def curves(run_dirs: list[Path], path: Path) -> Path | None:
+    return _save(curves_figure(run_dirs), path)
+
+
+def curves_figure(run_dirs: list[Path]):
     """Loss, training accuracy, learning rate and (when logged) validation accuracy against epochs,
     the runs overlaid in one colour each."""
     runs = [(label, _series(read_log(d))) for label, d in zip(_labels(run_dirs), run_dirs)]
@@ -116,12 +123,14 @@ def curves(run_dirs: list[Path], path: Path) -> Path | None:
         key += [plt.Line2D([], [], color="grey", linestyle=val_styles[j % len(val_styles)], label=name)
                 for j, name in enumerate(kinds)]
         axes[3].legend(handles=key, fontsize=9, loc="best")
-    # one legend of the runs for the whole figure, below the panels, where it covers no curve
+    # One legend of the runs for the whole figure, hung below the figure's bottom edge: inside it, a
+    # legend of many runs (with its title) grew up over the lower panels' "epoch" labels. The saved
+    # PNG's tight bounding box takes it in.
+    fig.tight_layout()
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), bbox_to_anchor=(0.5, -0.01),
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(runs), 4), bbox_to_anchor=(0.5, 0),
                frameon=False, title="run")
-    fig.tight_layout(rect=(0, 0.05 if has_val else 0.11, 1, 1))
-    return _save(fig, path)
+    return fig
 
 
 # ---------------------------------------------------------------- accuracy against eps
@@ -196,3 +205,43 @@ def scatter(comparisons: list[tuple[Path, dict]], path: Path) -> Path | None:
     fig.suptitle("Fine-tuning methods: clean against robust accuracy (mean ± std over seeds)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- clean vs robust (any runs)
+
+def clean_robust(results: list[tuple[Path, dict]], path: Path) -> Path | None:
+    return _save(clean_robust_figure(results), path)
+
+
+def clean_robust_figure(results: list[tuple[Path, dict]]):
+    """One point per results file (per radius for a multi-radius eval): clean against robust accuracy,
+    labelled with its name in the table. Robust: the attack every file has, first in the first file's
+    order; where none is shared, each file's first attack (the axis label says which)."""
+    points = []  # (label, clean, {attack: acc})
+    for p, r in results:
+        clean, groups = (r.get("clean") or {}).get("acc"), radii(r)
+        for eps, _, accs in groups:
+            accs = {a: v for a, v in accs.items() if isinstance(v, (int, float))}
+            if isinstance(clean, (int, float)) and accs:
+                points.append((run_label(p, r) + (f" ({format_eps(eps)})" if len(groups) > 1 else ""), clean, accs))
+    if not points:
+        return None
+    shared = [a for a in points[0][2] if all(a in accs for _, _, accs in points)]
+    picked = [shared[0] if shared else next(iter(accs)) for _, _, accs in points]
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    xs, ys = [100 * c for _, c, _ in points], [100 * accs[a] for (_, _, accs), a in zip(points, picked)]
+    ax.scatter(xs, ys, s=40, zorder=3)
+    middle = (min(xs) + max(xs)) / 2
+    for (label, _, _), x, y in zip(points, xs, ys):  # labels point inwards, to stay inside the axes
+        right = x > middle
+        ax.annotate(label, (x, y), xytext=(-4 if right else 4, 4), textcoords="offset points", fontsize=9,
+                    ha="right" if right else "left")
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel(f"robust accuracy ({shared[0]})" if shared else
+                  f"robust accuracy (each run's first attack: {', '.join(dict.fromkeys(picked))})")
+    ax.xaxis.set_major_formatter(PERCENT)
+    ax.yaxis.set_major_formatter(PERCENT)
+    ax.margins(0.15)  # room for the labels of the outermost points
+    ax.set_title("clean against robust accuracy")
+    fig.tight_layout()
+    return fig

@@ -51,10 +51,41 @@ def read_log(run_dir: Path) -> list[dict]:
 
 
 def train_seconds(run_dir: Path) -> float | None:
-    """Sum of the epochs' wall times in a run's log.jsonl (None when there is no log)."""
+    """A run's training time from its log.jsonl (None when there is no log): the epochs' wall times,
+    plus, for each resume in the middle of an epoch, what the process before it spent in that epoch.
+
+    The epoch record is written by the process that finished the epoch and times only its own part,
+    from its resume. The earlier process's part, up to the checkpoint resumed from, is measured by the
+    wall times that process logged (``_before_checkpoint``). The steps it trained after that checkpoint
+    are counted once: the resume dropped their records (tensorboard.forget_after) and trained them again.
+    """
     if not (Path(run_dir) / "log.jsonl").is_file():
         return None
-    return sum(r.get("seconds", 0.0) for r in read_log(run_dir) if r.get("kind") == "epoch")
+    records = read_log(run_dir)
+    total = sum(r.get("seconds", 0.0) for r in records if r.get("kind") == "epoch")
+    for i, r in enumerate(records):
+        if r.get("kind") == "resume" and r.get("batch") and "epoch" in r and "step" in r:
+            total += _before_checkpoint(records[:i], r["epoch"], r["step"])
+    return total
+
+
+def _before_checkpoint(earlier: list[dict], epoch: int, step: int) -> float:
+    """Seconds the process that wrote the last of ``earlier`` spent training ``epoch`` up to ``step``:
+    from its last record before the epoch's first step (the previous epoch's epoch or val record, its
+    own resume marker, or else its start: time - relative_time) to its last step record, carried on at
+    that pace to ``step`` (the checkpoint need not be a logged step). Nothing logged: 0."""
+    starts = [i for i, r in enumerate(earlier) if r.get("kind") == "resume"]
+    own = earlier[starts[-1]:] if starts else earlier  # that process's records
+    steps = [i for i, r in enumerate(own) if r.get("kind") == "step" and r.get("epoch") == epoch
+             and isinstance(r.get("time"), (int, float)) and isinstance(r.get("step"), int)]
+    if not steps:
+        return 0.0
+    first, last = own[steps[0]], own[steps[-1]]
+    begin = own[steps[0] - 1] if steps[0] else {"time": first["time"] - first.get("relative_time", 0.0), "step": 0}
+    if not isinstance(begin.get("time"), (int, float)) or not isinstance(begin.get("step"), int):
+        return 0.0
+    seconds, done = last["time"] - begin["time"], last["step"] - begin["step"]
+    return max(0.0, seconds * (step - begin["step"]) / done if done > 0 else seconds)
 
 
 def progress(iterable, total, desc):
@@ -89,9 +120,14 @@ def collect(paths: list[str]) -> Found:
     for given in map(Path, paths):
         if given.is_dir():
             files = _search(given)
-            if (given / "log.jsonl").is_file():  # curves even before (or without) results.json
-                found.run_dirs.append(given)
-            if not files and given not in found.run_dirs:
+            logs = [given / "log.jsonl"] if (given / "log.jsonl").is_file() else sorted(given.rglob("log.jsonl"))
+            for run in (log.parent for log in logs):
+                finished = (run / "results.json").is_file()
+                if run == given or not finished:  # curves even before (or without) results.json
+                    found.run_dirs.append(run)
+                if not finished:  # a run not in the table says so: a missing row is easily missed
+                    found.skipped.append(f"{run}: {unfinished(run)}: not in the table")
+            if not files and not logs:
                 found.skipped.append(f"{given}: no results.json or eval-*.json in or below it")
         elif given.is_file():
             files = [given]
@@ -116,6 +152,19 @@ def collect(paths: list[str]) -> Found:
             else:
                 found.skipped.append(f"{f}: not a results file (no clean, attacks or radii key)")
     return found
+
+
+def unfinished(run: Path) -> str:
+    """Why a run folder with a log.jsonl has no results.json, as far as its files tell cheaply."""
+    if (run / "model.json").is_file():  # eval.at_end false, or killed in the final evaluation
+        return f"trained but not evaluated (no results.json; dist-robust eval --checkpoint {run} evaluates it)"
+    epochs = [r["epoch"] for r in read_log(run) if r.get("kind") == "epoch" and isinstance(r.get("epoch"), int)]
+    import yaml
+    try:
+        of = f" of {int(yaml.safe_load((run / 'config.yaml').read_text())['train']['epochs'])}"
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):  # no config.yaml yet: the count alone
+        of = ""
+    return f"unfinished (no results.json; {max(epochs, default=0)}{of} epochs logged)"
 
 
 # ---------------------------------------------------------------- the table
@@ -172,16 +221,21 @@ def _percent(acc) -> str:
     return f"{100 * acc:.2f}" if isinstance(acc, (int, float)) else "-"
 
 
+def run_label(path: Path, r: dict) -> str:
+    """The table's name of a results file: its run folder, or folder/file for an evaluation."""
+    return path.parent.name if is_training(path, r) else f"{path.parent.name}/{path.name}"
+
+
 def _row_labels(path: Path, r: dict) -> tuple[str, str, str]:
     """(run, source, train seconds) of a results file."""
     if is_training(path, r):
         source = r.get("config", {}).get("model", {}).get("init_from")
         seconds = train_seconds(path.parent)
-        return path.parent.name, model_name(source) if source else "scratch", \
+        return run_label(path, r), model_name(source) if source else "scratch", \
             f"{seconds:.0f}" if seconds is not None else "-"
     # An evaluation's config has init_from cleared (the checkpoint is the model): name what was evaluated.
     evaluated = model_name(r["checkpoint"]) if r.get("checkpoint") else "?"
-    return f"{path.parent.name}/{path.name}", f"eval of {evaluated}", "-"
+    return run_label(path, r), f"eval of {evaluated}", "-"
 
 
 def results_table(results: list[tuple[Path, dict]]) -> str:
@@ -192,12 +246,13 @@ def results_table(results: list[tuple[Path, dict]]) -> str:
         cfg = r.get("config", {})
         dataset = r.get("dataset", "?") + (f"/{r['split']}" if r.get("split") not in (None, "test") else "")
         for eps, norm, accs in radii(r):
-            rows.append({"run": run, "source": source, "method": cfg.get("method", {}).get("name", "?"),
+            rows.append({"run": run, "model": cfg.get("model", {}).get("name") or "?", "source": source,
+                         "method": cfg.get("method", {}).get("name", "?"),
                          "dataset": dataset, "n": str(r.get("n", "?")), "norm": norm or "-", "eps": format_eps(eps),
                          "clean": _percent(r.get("clean", {}).get("acc")), "accs": accs, "seconds": seconds})
     attacks = sorted({a for row in rows for a in row["accs"]}, key=lambda a: (len(a), a))
     mixed_norms = len({row["norm"] for row in rows} - {"-"}) > 1
-    keys = ["run", "source", "method", "dataset", "n"] + (["norm"] if mixed_norms else []) + ["eps", "clean"]
+    keys = ["run", "model", "source", "method", "dataset", "n"] + (["norm"] if mixed_norms else []) + ["eps", "clean"]
     head = keys + attacks + ["train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:

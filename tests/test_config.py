@@ -123,7 +123,12 @@ def test_radii_are_read_as_fractions_wherever_a_float_is_expected(tmp_path):
 
 
 @pytest.mark.parametrize("key,suggestion", [("train.lr", "optim.lr"), ("optim.lrr", "optim.lr"),
-                                            ("attack.epss", "attack.eps"), ("eval.atacks", "eval.attacks")])
+                                            ("attack.epss", "attack.eps"), ("eval.atacks", "eval.attacks"),
+                                            # other libraries' names: spelling alone suggested optim.decay_frac
+                                            ("optim.learning_rate", "optim.lr"), ("train.learning_rate", "optim.lr"),
+                                            ("optim.wd", "optim.weight_decay"), ("data.num_workers", "data.workers"),
+                                            ("train.num_epochs", "train.epochs"), ("train.bs", "data.batch_size"),
+                                            ("model.arch", "model.name"), ("attack.epsilon", "attack.eps")])
 def test_an_unknown_key_names_the_nearest_valid_one(key, suggestion):
     with pytest.raises(ConfigError, match=rf"unknown key \(did you mean {suggestion}\?\)"):
         load_config(None, [f"{key}=1"])

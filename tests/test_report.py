@@ -6,25 +6,26 @@ from pathlib import Path
 import pytest
 
 from dist_robust.cli import main
-from dist_robust.report import format_eps
+from dist_robust.report import format_eps, train_seconds
 
 
 def _attack(acc, eps=0.1, norm="Linf"):
     return {"correct": round(acc * 100), "acc": acc, "eps": eps, "norm": norm, "steps": 20, "loss": "ce"}
 
 
-def _config(method="pgd_at", init_from=None, norm="Linf"):
-    return {"method": {"name": method}, "model": {"name": "cnn3", "init_from": init_from},
+def _config(method="pgd_at", init_from=None, norm="Linf", model="cnn3"):
+    return {"method": {"name": method}, "model": {"name": model, "init_from": init_from},
             "attack": {"eps": 0.1, "norm": norm}, "eval": {"eps": None, "norm": None}}
 
 
-def _training_run(folder: Path, clean=0.9, robust=0.5, eps=0.1, norm="Linf", init_from=None, log=True) -> Path:
+def _training_run(folder: Path, clean=0.9, robust=0.5, eps=0.1, norm="Linf", init_from=None, log=True,
+                  model="cnn3") -> Path:
     """A finished training run: results.json naming its own model.json, and a log.jsonl."""
     folder.mkdir(parents=True)
     results = {"dataset": "digits", "split": "test", "n": 100, "world_size": 1,
                "clean": {"correct": round(clean * 100), "acc": clean},
                "attacks": {"pgd-20": _attack(robust, eps, norm)}, "checkpoint": str(folder / "model.json"),
-               "seconds": 1.0, "config": _config(init_from=init_from, norm=norm)}
+               "seconds": 1.0, "config": _config(init_from=init_from, norm=norm, model=model)}
     (folder / "results.json").write_text(json.dumps(results))
     if log:
         _log(folder / "log.jsonl", epochs=3, steps_per_epoch=10, val=True)
@@ -170,8 +171,8 @@ def test_plot_writes_valid_pngs(tmp_path, capsys):
     comparison = _comparison(tmp_path / "finetune.json")
     rc, out, err = _report(capsys, "--plot", tmp_path / "plots", a, b, multi, comparison)
     assert rc == 0 and err == [], err
-    names = ["curves.png", "eps.png", "scatter.png"]
-    assert out[-3:] == [str(tmp_path / "plots" / n) for n in names]
+    names = ["curves.png", "eps.png", "scatter.png", "clean_vs_robust.png"]
+    assert out[-4:] == [str(tmp_path / "plots" / n) for n in names]
     for n in names:
         _check_png(tmp_path / "plots" / n)
 
@@ -181,7 +182,9 @@ def test_plot_without_validation_lines_and_from_a_log_only_run(tmp_path, capsys)
     (tmp_path / "running").mkdir()
     _log(tmp_path / "running" / "log.jsonl", epochs=2, steps_per_epoch=10, val=False)
     rc, out, err = _report(capsys, "--plot", tmp_path / "plots", tmp_path / "running")
-    assert rc == 0 and err == [] and out == [str(tmp_path / "plots" / "curves.png")]
+    assert rc == 0 and out == [str(tmp_path / "plots" / "curves.png")]
+    assert err == [f"dist-robust: warning: skipped {tmp_path / 'running'}: unfinished (no results.json; "
+                   "2 epochs logged): not in the table"]
     _check_png(tmp_path / "plots" / "curves.png")
 
 
@@ -191,3 +194,98 @@ def test_a_comparison_without_plot_is_skipped_and_plot_into_a_file_is_a_usage_er
     assert rc == 1 and out == [] and "only --plot DIR draws it" in err[0]
     rc, out, err = _report(capsys, "--plot", comparison, comparison)
     assert rc == 2 and out == [] and err == [f"dist-robust: error: --plot={comparison}: not a folder"]
+
+
+def test_the_table_names_each_rows_model(tmp_path, capsys):
+    cnn = _training_run(tmp_path / "cnn")
+    vit = _training_run(tmp_path / "vit", model="timm:vit_tiny_patch16_224")
+    _eval_file(tmp_path / "e" / "eval.json", cnn / "model.json")
+    _, out, _ = _report(capsys, cnn, vit, tmp_path / "e" / "eval.json")
+    assert out[0].startswith("| run | model | source | method |")
+    assert [r["model"] for r in _rows(out)] == ["cnn3", "timm:vit_tiny_patch16_224", "cnn3"]
+
+
+def _resumed_log(path: Path, checkpoint_step: int) -> None:
+    """Epochs of 10 steps, a step record every 5. Process 1 (log started at t=1000) finished epoch 1 in
+    10 s, validated until 1012, logged step 15 at 1016 and was killed after its checkpoint at
+    ``checkpoint_step``; the steps it logged after that were dropped by the resume. Process 2 resumed
+    at 2000 and finished epoch 2 in 4 s. A step record of another epoch is not counted."""
+    rec = lambda t, kind, **kw: dict(time=t, relative_time=t - (1000 if t < 2000 else 2000), kind=kind, **kw)
+    lines = [rec(1005, "step", epoch=1, step=5), rec(1010, "step", epoch=1, step=10),
+             rec(1010, "epoch", epoch=1, step=10, seconds=10.0), rec(1012, "val", epoch=1, step=10),
+             rec(1016, "step", epoch=2, step=15),
+             rec(2000, "resume", epoch=2, step=checkpoint_step, batch=checkpoint_step - 10),
+             rec(2004, "step", epoch=2, step=20), rec(2004, "epoch", epoch=2, step=20, seconds=4.0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.mark.parametrize("checkpoint_step, before", [(15, 4.0), (17, 4.0 * 7 / 5)])
+def test_a_resumed_runs_train_time_counts_every_process_once(tmp_path, checkpoint_step, before):
+    """The earlier process's part of the resumed epoch: from its val record (1012) to its last step
+    (1016), carried on at that pace to the checkpoint's step when that was not a logged one."""
+    _resumed_log(tmp_path / "log.jsonl", checkpoint_step)
+    assert train_seconds(tmp_path) == pytest.approx(10.0 + 4.0 + before)
+
+
+def test_a_resume_in_a_resumed_epoch_counts_from_its_own_marker(tmp_path):
+    """Three processes in epoch 2: the second one's part starts at its resume marker, not earlier."""
+    rec = lambda t, kind, **kw: dict(time=t, relative_time=0.0, kind=kind, **kw)
+    lines = [rec(1010, "epoch", epoch=1, step=10, seconds=10.0), rec(1013, "step", epoch=2, step=12),
+             rec(2000, "resume", epoch=2, step=12, batch=2), rec(2003, "step", epoch=2, step=15),
+             rec(3000, "resume", epoch=2, step=15, batch=5), rec(3005, "epoch", epoch=2, step=20, seconds=5.0)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert train_seconds(tmp_path) == pytest.approx(10.0 + 3.0 + 3.0 + 5.0)
+
+
+def test_every_run_left_out_of_the_table_gets_one_warning(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _training_run(runs / "done")
+    (runs / "killed").mkdir(parents=True)
+    _log(runs / "killed" / "log.jsonl", epochs=3, steps_per_epoch=10, val=False)
+    (runs / "killed" / "config.yaml").write_text("train:\n  epochs: 10\n")
+    (runs / "not_evaluated").mkdir()
+    _log(runs / "not_evaluated" / "log.jsonl", epochs=2, steps_per_epoch=10, val=False)
+    (runs / "not_evaluated" / "model.json").write_text("{}")
+    rc, out, err = _report(capsys, runs)
+    assert rc == 0 and [r["run"] for r in _rows(out)] == ["done"]
+    assert err == [f"dist-robust: warning: skipped {runs / 'killed'}: unfinished (no results.json; 3 of 10 "
+                   "epochs logged): not in the table",
+                   f"dist-robust: warning: skipped {runs / 'not_evaluated'}: trained but not evaluated (no "
+                   f"results.json; dist-robust eval --checkpoint {runs / 'not_evaluated'} evaluates it): not in "
+                   "the table"]
+    rc, out, err = _report(capsys, runs / "killed")  # given alone, without --plot: nothing else to show
+    assert rc == 1 and len(err) == 2 and "3 of 10 epochs logged" in err[0]
+
+
+def test_the_curves_legend_covers_no_axis_label(tmp_path):
+    """Six runs with validation lines: the legend of the runs (and its title) clear of every panel's
+    labels and tick labels."""
+    from dist_robust.plots import curves_figure
+    runs = []
+    for i in range(6):
+        runs.append(tmp_path / f"a_fairly_long_run_name_{i}")
+        runs[-1].mkdir()
+        _log(runs[-1] / "log.jsonl", epochs=3, steps_per_epoch=10, val=True)
+    fig = curves_figure(runs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert fig.legends[0].get_title().get_text() == "run"
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_tightbbox(renderer)), ax.get_title()
+
+
+def test_clean_vs_robust_has_one_point_per_run(tmp_path, capsys):
+    from dist_robust.plots import clean_robust_figure
+    from dist_robust.report import collect
+    a = _training_run(tmp_path / "a", clean=0.9, robust=0.5)
+    b = _training_run(tmp_path / "b", clean=0.8, robust=0.6)
+    ev = _eval_file(tmp_path / "e" / "eval.json", a / "model.json")  # pgd-20 40%, aa 30%
+    fig = clean_robust_figure(collect([str(a), str(b), str(ev)]).results)
+    ax = fig.axes[0]
+    assert ax.collections[0].get_offsets().flatten().tolist() == pytest.approx([90, 50, 80, 60, 80, 40])
+    assert [t.get_text() for t in ax.texts] == ["a", "b", "e/eval.json"]
+    assert ax.get_ylabel() == "robust accuracy (pgd-20)"  # the attack every run has
+    rc, out, err = _report(capsys, "--plot", tmp_path / "plots", a)  # a single run gets its point too
+    assert rc == 0 and str(tmp_path / "plots" / "clean_vs_robust.png") in out
+    _check_png(tmp_path / "plots" / "clean_vs_robust.png")

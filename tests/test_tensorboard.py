@@ -8,6 +8,7 @@ import pytest
 
 from conftest import QUICKSTART, TINY, Stop, die_at_step
 from dist_robust.cli import main
+from dist_robust.report import train_seconds
 from dist_robust import tensorboard as journal_module
 from dist_robust.tensorboard import RunLog
 
@@ -89,3 +90,8 @@ def test_a_resumed_epochs_images_per_s_counts_the_images_trained_after_the_resum
     steps = {r["step"]: r["loss"] for r in _records(run, "step")}  # the last record of a step wins
     assert sorted(steps) == list(range(1, 11)) and epoch["loss"] == pytest.approx(sum(steps.values()) / 10)
     assert [s for s, _ in _events(run / "tb")["train/loss"]] == list(range(1, 11))
+    # report's train time counts both processes: the epoch record times the 4 steps after the resume,
+    # the first process's wall times in the log its 6 steps up to the checkpoint (not its 2 redone ones)
+    resume, first = _records(run, "resume")[0], min(_records(run, "step"), key=lambda r: r["time"])
+    before = train_seconds(run) - epoch["seconds"]
+    assert 0 < before < resume["time"] - (first["time"] - first["relative_time"])
