@@ -8,14 +8,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dist_robust"
 
 # Lowest first. A top-level module or package not listed here fails the test: place it.
 FLOORS = [
-    {"utils", "orphan"},                           # files, seeding, sharding; the launcher watch: nothing of the project
+    {"utils", "orphan", "torchrun"},               # files, seeding...; the launcher watch; torchrun's exit: nothing of ours
     {"dist", "schedules"},                         # process group, learning rates
     {"models", "data", "attacks", "checkpoint", "report"},
     {"evaluate", "tensorboard", "plots"},          # exact sharded evaluation; the run's journal; pictures
     {"methods"},
     {"config"},
     {"preflight", "lock"},                         # what a config needs of this machine; one writer per run
-    {"engine", "api"},                             # the training loop; evaluate_model
+    {"engine"},                                    # the training loop
+    {"api"},                                       # evaluate_model, load_dataset, load_model
     {"cli"},
     {"__main__"},
 ]
