@@ -10,6 +10,7 @@ not depend on the number of ranks).
 from __future__ import annotations
 
 import atexit
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -58,12 +59,15 @@ def evaluate_model(model: torch.nn.Module, dataset="mnist", attacks: Sequence[st
                    eps: float | str = 8 / 255, norm: str = "Linf", limit: int | None = None, batch_size: int = 500,
                    *, split: str = "test", root: str | None = None, seed: int = 0, restarts: int = 1,
                    precision: str = "fp32", device: str | torch.device | None = None,
-                   aa_block_size: int = 500) -> dict:
+                   aa_block_size: int | None = None, progress: bool = True) -> dict:
     """Clean and robust accuracy of ``model`` (images in [0, 1] -> logits) on ``dataset``: a registered
     name ("mnist", "cifar10" with ``root``, ...) or an (images, labels) pair of tensors. ``attacks``:
     clean, pgd-K, cw-K, aa (standard AutoAttack), aa-plus, aa-rand; ``eps`` a float or "8/255".
     Returns {"n", "world_size", "clean": {"correct", "acc"}, "attacks": {name: {"correct", "acc", ...}}}
-    with the totals over all ranks. The model's mode and gradients are left as they were."""
+    with the totals over all ranks. The model's mode and gradients are left as they were. ``aa_block_size``:
+    AutoAttack's points per block (None: n / 8, at most 500, whatever the number of ranks). ``progress``:
+    rank 0 prints progress lines to stderr (AutoAttack's plan and results, and one line at most every
+    30 s of a long attack)."""
     from .config import parse_fraction
     from .evaluate import evaluate
 
@@ -77,8 +81,10 @@ def evaluate_model(model: torch.nn.Module, dataset="mnist", attacks: Sequence[st
         raise ValueError(f"norm={norm!r}: must be one of {', '.join(NORMS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: must be one of {', '.join(PRECISIONS)}")
-    if (limit is not None and limit <= 0) or batch_size <= 0 or restarts <= 0:
-        raise ValueError(f"limit, batch_size and restarts must be > 0 (got {limit}, {batch_size}, {restarts})")
+    bad_block = aa_block_size is not None and aa_block_size <= 0
+    if (limit is not None and limit <= 0) or batch_size <= 0 or restarts <= 0 or bad_block:
+        raise ValueError(f"limit, batch_size, restarts and aa_block_size must be > 0 "
+                         f"(got {limit}, {batch_size}, {restarts}, {aa_block_size})")
     attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     for name in attacks:
         try:
@@ -98,7 +104,8 @@ def evaluate_model(model: torch.nn.Module, dataset="mnist", attacks: Sequence[st
         raise ValueError("dataset: a registered dataset name or an (images, labels) pair of tensors")
     opts = dict(compile="auto", precision=precision, channels_last=False)
     return evaluate(model, data, [a for a in attacks if a != "clean"], radius, batch_size, device, limit=limit,
-                    seed=seed, norm=norm, restarts=restarts, attack_opts=opts, aa_block_size=aa_block_size)
+                    seed=seed, norm=norm, restarts=restarts, attack_opts=opts, aa_block_size=aa_block_size,
+                    say=(lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None)
 
 
 def load_dataset(name: str, split: str = "train", *, root: str | None = None,

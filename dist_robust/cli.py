@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="PGD / CW precision (default: the checkpoint's eval.precision; never its attack.precision)")
     e.add_argument("--batch-size", type=int, default=None, help="per-rank evaluation batch")
     e.add_argument("--aa-block-size", type=int, default=None,
-                   help="AutoAttack points per block (sharding and seeding unit; default 500)")
+                   help="AutoAttack points per block (sharding and seeding unit; default: points / 8, at most 500)")
     e.add_argument("--root", default=None, help="data folder for user-provided datasets")
     e.add_argument("--seed", type=int, default=0, help="seed of the per-point random starts")
     e.add_argument("--out", default=None, help="results file (default: eval-DATASET-SPLIT.json by the checkpoint)")
@@ -133,12 +133,25 @@ def _model_config(args):
     from .config import Config
     if not args.weights:
         raise ConfigError(f"--model={args.model}: give its weights with --weights (nothing is downloaded)")
+    if _ours(args.weights):  # else it loads with missing keys (exit 1), the sidecar's model unused
+        raise ConfigError(f"--weights={args.weights}: a dist_robust checkpoint (its sidecar names its model and "
+                          f"normalisation): evaluate it with --checkpoint {args.weights}, without --model")
     if args.eps is None:
         raise ConfigError(f"--model={args.model}: give the radius with --eps (e.g. --eps 8/255)")
     cfg = Config()
     cfg.model.name, cfg.model.weights = args.model, args.weights
     cfg.model.normalize = "imagenet" if args.normalize is None else args.normalize
     return cfg
+
+
+def _ours(path: str) -> bool:
+    """Whether ``path`` is one of this project's checkpoints: a model file with its sidecar, a sidecar,
+    or a run folder (what --checkpoint reads)."""
+    from .checkpoint import CheckpointError, read_sidecar, resolve
+    try:
+        return bool(read_sidecar(resolve(path)))
+    except CheckpointError:
+        return False
 
 
 def _eval_settings(args):
@@ -179,7 +192,7 @@ def _eval_settings(args):
     from .data import dataset_info
     from .checkpoint import model_header
     from .models import head_classes
-    info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+    info = dataset_info(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.channels)
     shapes = model_header(sidecar)
     classes = head_classes(shapes) or info.num_classes
     channels = shapes.get("normalize.mean", [1, info.channels])[1]
@@ -195,11 +208,12 @@ def _eval_settings(args):
 def _run_eval(cfg, sidecar, out, radii, device):
     from .evaluate import evaluate_run
     if sidecar is None:
-        from .data import dataset_info
+        from .data import data_info, data_stats
         from .models.external import load_external
-        info = dataset_info(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+        info = data_info(cfg.data)
+        stats = data_stats(cfg.data) if cfg.model.normalize == "dataset" else (None, None)  # else not needed
         model = load_external(cfg.model.name, cfg.model.weights, cfg.model.normalize, info.channels,
-                              info.mean, info.std).to(device)
+                              *stats).to(device)
         return evaluate_run(cfg, model, device, checkpoint=cfg.model.weights, out=out, radii=radii)
     from .engine.train import exported_model
     return evaluate_run(cfg, exported_model(sidecar, device), device, checkpoint=str(sidecar), out=out, radii=radii)
@@ -239,6 +253,10 @@ def _report(paths: list[str], plot_dir: str | None = None) -> int:
     with ``plot_dir``, write the plots there. Exit status 1 only when nothing at all could be used."""
     if plot_dir is not None and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
         print(f"dist-robust: error: --plot={plot_dir}: not a folder", file=sys.stderr)
+        return USAGE_ERROR
+    why = unwritable(Path(plot_dir)) if plot_dir is not None else None
+    if why:  # found now, not after every results file is read
+        print(f"dist-robust: error: --plot={plot_dir}: {why}", file=sys.stderr)
         return USAGE_ERROR
     from .report import collect, results_table
     found = collect(paths)

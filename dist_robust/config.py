@@ -63,7 +63,9 @@ def _split(key: str, split: str, data: "DataConfig") -> None:
 class DataConfig:
     name: str = "mnist"                 # a name from dist_robust.data.DATASETS
     root: Optional[str] = None          # folder of user-provided data (cifar10, cifar100, svhn, imagefolder)
-    image_size: Optional[int] = None    # imagefolder only: side of the square images
+    image_size: Optional[int] = None    # imagefolder only: side of the square images (null: the training images'
+                                        # own, when they all share one square size)
+    channels: Optional[int] = None      # imagefolder only: 1 (grey) or 3 (RGB); null: 1 if every training image is grey
     subset: Optional[int] = None        # train on a fixed, seeded, stratified subset of this many images
     holdout: int = 0                    # hold this many training images out as the "val" split (selection)
     batch_size: int = 128               # GLOBAL batch, split evenly over the ranks
@@ -82,6 +84,8 @@ class DataConfig:
         check(self.subset is None or self.subset > 0, "data.subset", self.subset, "must be positive")
         check(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, "must be >= 0")
         check(self.holdout >= 0, "data.holdout", self.holdout, "must be >= 0")
+        check(self.image_size is None or self.image_size > 0, "data.image_size", self.image_size, "must be positive")
+        check(self.channels in (None, 1, 3), "data.channels", self.channels, "must be 1 or 3 (null: from the images)")
         size = DATASETS[self.name].train_size if not self.root else None  # known for packaged data
         check(not size or self.holdout < size, "data.holdout", self.holdout,
               f"must be smaller than the {size:,} training images of {self.name}" if size else "")
@@ -95,6 +99,8 @@ class ModelConfig:
     name: str = "cnn3"                  # a name from dist_robust.models.MODELS, or timm:ARCH / torchvision:ARCH
     weights: Optional[str] = None       # timm:/torchvision: only: a local file of the network's own state_dict
                                         # (.safetensors, or .pth/.pt read weights_only); never downloaded
+    img_size: Optional[int] = None      # timm:ARCH only: its img_size and patch_size arguments (a ViT's grid and
+    patch_size: Optional[int] = None    # position embedding); null: the network's default
     normalize: Any = "dataset"          # the model's input mean/std: dataset | imagenet | cifar10 | {mean: [..],
                                         # std: [..]} (external networks normalise outside: usually imagenet)
     init_from: Optional[str] = None     # source checkpoint (.safetensors) or run folder to fine-tune from
@@ -117,6 +123,11 @@ class ModelConfig:
               f"network's own state_dict; {self.name} starts from a checkpoint of ours with model.init_from")
         check(self.weights is None or Path(self.weights).suffix in WEIGHT_SUFFIXES, "model.weights", self.weights,
               f"must be {', '.join(WEIGHT_SUFFIXES)}")
+        for key in ("img_size", "patch_size"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"model.{key}", value, "must be positive")
+            check(value is None or self.name.startswith("timm:"), f"model.{key}", value,
+                  f"an argument of timm networks (timm:ARCH); {self.name} takes none")
         try:
             normalize_stats(self.normalize, [0.0], [1.0])
         except ValueError as e:
@@ -130,6 +141,10 @@ class ModelConfig:
               self.modules, f"{', '.join(selectors)} stands alone and reads model.init_from (the run it was chosen in)")
         _choice("model.frozen_bn", self.frozen_bn, BN_POLICIES[:3])
         _choice("model.tuned_bn", self.tuned_bn, ("auto",) + BN_POLICIES)
+
+    def network_kwargs(self) -> dict:
+        """The size arguments given to the network's constructor: those set (null: its default)."""
+        return {k: v for k, v in (("img_size", self.img_size), ("patch_size", self.patch_size)) if v is not None}
 
 
 @dataclass
@@ -236,8 +251,8 @@ class EvalConfig:
     split: str = "test"
     limit: Optional[int] = None         # evaluate the first N points only
     seed: int = 0                       # random starts are seeded per point from (seed, global index)
-    aa_block_size: int = 500            # AutoAttack: points per block, its unit of sharding and seeding (ranks
-                                        # share whole blocks: fewer points than ranks x this leaves ranks idle)
+    aa_block_size: Optional[int] = None  # AutoAttack: points per block, its unit of sharding and seeding (ranks
+                                        # share whole blocks; None: n / 8, at most 500, the same on any ranks)
     at_end: bool = True                 # evaluate after training and write results.json
     precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast; fp16 on CUDA only) of the eval attacks;
                                         # never attack.precision: a weaker training attack must not weaken the eval
@@ -253,7 +268,8 @@ class EvalConfig:
               "an L-inf radius in [0, 1] pixel units (inputs are in [0, 1]: 8/255 is 0.0314)")
         check(self.norm is None or self.norm in NORMS, "eval.norm", self.norm, f"must be one of {', '.join(NORMS)}")
         check(self.restarts > 0, "eval.restarts", self.restarts, "must be > 0")
-        check(self.aa_block_size > 0, "eval.aa_block_size", self.aa_block_size, "must be > 0")
+        check(self.aa_block_size is None or self.aa_block_size > 0, "eval.aa_block_size", self.aa_block_size,
+              "must be > 0 (null: n / 8 points, at most 500)")
         check(self.limit is None or self.limit > 0, "eval.limit", self.limit, "must be > 0")
         _choice("eval.precision", self.precision, PRECISIONS)
         check(self.every >= 0, "eval.every", self.every, "must be >= 0 (0: no validation during training)")

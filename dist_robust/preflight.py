@@ -1,6 +1,6 @@
 """What a valid config needs of this machine and this launch, checked by the CLI before any rank starts:
-the files it reads (data.root, model.init_from and a stage kind's sources, with their checkpoint headers,
-model.weights),
+the files it reads (data.root and its images' channels and size, model.init_from and a stage kind's
+sources, with their checkpoint headers, model.weights), the image size a network is built for,
 the optional packages it uses, the run folder it writes, and how its batch splits over the world size.
 Every failure is a one-line ``ConfigError`` (exit status 2), as config.py's."""
 from __future__ import annotations
@@ -14,9 +14,9 @@ import yaml
 
 from .checkpoint import CheckpointError, mid_epoch_layout, model_header, newest_sidecar, read_sidecar, resolve
 from .config import Config, from_dict, training_changes
-from .data import DATASETS
+from .data import DATASETS, DatasetInfo, data_info
 from .methods import METHODS, STAGE_KINDS
-from .models.external import normalize_stats, read_weights
+from .models.external import fixed_input, normalize_stats, read_weights
 from .utils import ConfigError, check, unwritable
 
 
@@ -42,6 +42,8 @@ def check_run(cfg: Config, world_size: int = 1, training: bool = True, pending: 
               f"holds no {d.name} files (looked for {', '.join(source.markers)})")
         check(d.name != "imagefolder" or (root / "train").is_dir(), "data.root", d.root,
               "imagefolder needs train/<class>/ (and test/<class>/) folders of images in it")
+    info = _data_info(cfg)
+    _check_size(cfg, info)
     check(d.loader != "ffcv" or importlib.util.find_spec("ffcv") is not None, "data.loader", d.loader,
           "FFCV is not installed (make install installs it)")
     check(cfg.dist.engine != "deepspeed" or importlib.util.find_spec("deepspeed") is not None, "dist.engine",
@@ -56,8 +58,8 @@ def check_run(cfg: Config, world_size: int = 1, training: bool = True, pending: 
         if path is not None and not Path(path).exists() and path not in pending:
             raise ConfigError(f"{key}={path!r}: no such file or folder{_made_by(path)}")
         if path is not None and path not in pending:
-            _check_source(cfg, key, path, source.info if not source.info.needs_root else None)
-    _check_external(cfg)
+            _check_source(cfg, key, path, info)
+    _check_external(cfg, info)
     _check_run_folder(cfg)
     _check_resume(cfg, world_size)
 
@@ -76,10 +78,42 @@ def _made_by(path: str) -> str:
     return ""
 
 
-def _check_external(cfg: Config) -> None:
+def _data_info(cfg: Config) -> DatasetInfo:
+    """Channels, size and classes of the data; imagefolder's read from its folder (the images' headers
+    where data.channels or data.image_size is null), so what its loader would fail on in the ranks
+    (an unreadable image, images of several sizes) is found here."""
+    try:
+        return data_info(cfg.data)
+    except (OSError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(why if why.startswith("data.") else f"data.root={cfg.data.root!r}: {why}") from None
+
+
+def _check_size(cfg: Config, info: DatasetInfo) -> None:
+    """A timm network built for one image size (a ViT: its patch grid and position embedding) is built
+    for the data's (model.img_size), in whole patches (model.patch_size); otherwise its first forward
+    fails inside every rank."""
+    m, n = cfg.model, info.size
+    try:
+        size, patch = fixed_input(m.name, info.channels, **m.network_kwargs())
+    except ValueError as e:
+        key = next(iter(m.network_kwargs()))
+        raise ConfigError(f"model.{key}={getattr(m, key)}: {e}") from None
+    check(m.img_size in (None, n), "model.img_size", m.img_size, f"{info.name} images are {n}x{n}")
+    if size is None:
+        return
+    check(size == n, "model.name", m.name, f"a network for {size}x{size} images; {info.name} images are {n}x{n}: set "
+          f"model.img_size={n}" + (f" and model.patch_size to a divisor of {n} (its patches are {patch} px)"
+                                   if patch and n % patch else ""))
+    check(not patch or size % patch == 0, "model.patch_size" if m.patch_size else "model.img_size",
+          m.patch_size or m.img_size, f"{size} px is not a whole number of {patch} px patches: set model.patch_size "
+          f"to a divisor of {size}")
+
+
+def _check_external(cfg: Config, info: DatasetInfo) -> None:
     """model.weights readable (a pickle that would run code is refused here, before any rank starts), the
     normalisation's channels those of the data, and torchvision networks on RGB data."""
-    m, info = cfg.model, DATASETS[cfg.data.name].info
+    m = cfg.model
     if m.weights is not None:
         check(Path(m.weights).expanduser().is_file(), "model.weights", m.weights, "no such file")
         try:
@@ -87,8 +121,9 @@ def _check_external(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(f"model.weights={m.weights!r}: {e}") from None
     check(not m.name.startswith("torchvision:") or info.channels == 3, "model.name", m.name,
-          f"torchvision networks take 3-channel images; {info.name} has {info.channels} (timm:ARCH adapts its stem)")
-    mean, _ = normalize_stats(m.normalize, info.mean, info.std)
+          f"torchvision networks take 3-channel images; {info.name} has {info.channels} (timm:ARCH adapts its stem"
+          + ("; data.channels=3 converts the images)" if info.name == "imagefolder" else ")"))
+    mean, _ = normalize_stats(m.normalize, [0.0] * info.channels, [1.0] * info.channels)  # only the count matters
     check(len(mean) in (1, info.channels), "model.normalize", m.normalize, f"{len(mean)} values per statistic, "
           f"{info.name} has {info.channels}-channel images (one value, or one per channel)")
 
@@ -112,21 +147,26 @@ def _check_batch(cfg: Config, world_size: int) -> None:
           f"({local_batch}) must be even")
 
 
-def _check_source(cfg: Config, key: str, path: str, info) -> None:
-    """A checkpoint to start from: complete, of the configured architecture, and (where the head is
-    kept) with the dataset's classes, read from its sidecar and tensor header without loading it."""
+def _check_source(cfg: Config, key: str, path: str, info: DatasetInfo) -> None:
+    """A checkpoint to start from: complete, of the configured architecture (a timm network of the same
+    size arguments), for the data's channels and (where the head is kept) its classes, read from its
+    sidecar and tensor header without loading it."""
     try:
         sidecar = resolve(path)
-        trained = read_sidecar(sidecar).get("config", {}).get("model", {}).get("name")
+        model = read_sidecar(sidecar).get("config", {}).get("model", {})
         shapes = model_header(sidecar)
     except CheckpointError as e:
         raise ConfigError(f"{key}={path!r}: {e}") from None
-    check(trained in (None, cfg.model.name), key, path, f"holds a {trained} model, but model.name={cfg.model.name}")
-    if info is None:
-        return
+    m, trained = cfg.model, model.get("name")
+    check(trained in (None, m.name), key, path, f"holds a {trained} model, but model.name={m.name}")
+    theirs = {k: model.get(k) for k in ("img_size", "patch_size")}
+    ours = {"img_size": m.img_size, "patch_size": m.patch_size}
+    check(trained != m.name or theirs == ours, key, path, f"holds a {trained} built with "
+          f"img_size={theirs['img_size']}, patch_size={theirs['patch_size']}; here model.img_size={m.img_size}, "
+          f"model.patch_size={m.patch_size}: set them as the source's (its weights have their shapes)")
     channels = shapes.get("normalize.mean", [0, info.channels])[1]
     check(channels == info.channels, key, path, f"a model for {channels}-channel images; {info.name} has "
-          f"{info.channels}")
+          f"{info.channels}" + (f" (data.channels={channels} converts them)" if info.name == "imagefolder" else ""))
     classes = shapes.get("head.weight", [info.num_classes])[0]
     check(cfg.model.new_head or key != "model.init_from" or classes == info.num_classes, key, path,
           f"its head has {classes} classes, {info.name} has {info.num_classes} (model.new_head=true gives a new one)")
@@ -155,9 +195,10 @@ def _check_run_folder(cfg: Config) -> None:
     change). A folder that holds another run (or only its config.yaml, when no checkpoint was written) is
     refused, never resumed or overwritten by mistake: train.resume=never starts it over on purpose."""
     folder = Path(cfg.run.out_dir) / cfg.run.name
-    why = unwritable(folder)
-    if why:  # found now, not after the training, when the first file is written
-        raise ConfigError(f"run.out_dir={cfg.run.out_dir!r}: {why}")
+    for out in (folder, folder / "checkpoints", folder / "tb"):  # a resumed run's own folders too
+        why = unwritable(out)
+        if why:  # found now, not after the training, when the first file is written
+            raise ConfigError(f"run.out_dir={cfg.run.out_dir!r}: {why}")
     if cfg.train.resume == "never":
         return
     trained = _trained_config(folder)

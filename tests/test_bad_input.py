@@ -7,6 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,18 @@ def _checkpoint(folder: Path, name: str, channels: int = 1, classes: int = 10) -
     return str(folder)
 
 
+def _image_folder(root: Path, shape: tuple, other_size: int = 0) -> None:
+    """Two classes of one tiny image each per split (grey for shape (H, W), RGB for (H, W, 3)); one more
+    training image of ``other_size`` px if given."""
+    from PIL import Image
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full(shape, 100, dtype=np.uint8)).save(root / split / cls / "0.png")
+    if other_size:
+        Image.fromarray(np.zeros((other_size, other_size), dtype=np.uint8)).save(root / "train" / "a" / "1.png")
+
+
 @pytest.fixture
 def world(tmp_path):
     """An existing run (its files must survive every mistake) and checkpoints to misuse."""
@@ -34,6 +47,9 @@ def world(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "images").mkdir()
     (tmp_path / "blocker").write_text("a regular file where a folder would go\n")
+    _image_folder(tmp_path / "grey_images", (8, 8))
+    _image_folder(tmp_path / "rgb_images", (8, 8, 3))
+    _image_folder(tmp_path / "two_sizes", (8, 8), other_size=10)
     return {"tmp": tmp_path, "run": run,
             "resnet": _checkpoint(tmp_path / "resnet_small", "resnet_small"),
             "rgb": _checkpoint(tmp_path / "rgb", "cnn3", channels=3),
@@ -59,6 +75,19 @@ MISTAKES = [
     (["train", RECIPE, "data.name=digits", "data.subset=1500"], {}, "data.subset=1500: more than the 1,437"),
     (["train", RECIPE, "data.name=cifar10", "data.root={tmp}/empty"], {}, "holds no cifar10 files"),
     (["train", RECIPE, "data.name=imagefolder", "data.root={tmp}/images"], {}, "train/<class>/"),
+    # imagefolder's channels and size are its images': a source or a network that does not fit them is
+    # refused here, not in the ranks (exit 1 with an empty run folder)
+    (["train", RECIPE, "data.name=imagefolder", "data.root={tmp}/rgb_images", "model.init_from={c100}",
+      "run.out_dir={tmp}/runs", "run.name=new"], {},
+     "a model for 1-channel images; imagefolder has 3 (data.channels=1 converts them)"),
+    (["train", RECIPE, "data.name=imagefolder", "data.root={tmp}/grey_images", "model.init_from={rgb}",
+      "run.out_dir={tmp}/runs", "run.name=new"], {}, "a model for 3-channel images; imagefolder has 1"),
+    (["train", RECIPE, "data.name=imagefolder", "data.root={tmp}/grey_images", "model.name=torchvision:resnet18",
+      "run.out_dir={tmp}/runs", "run.name=new"], {}, "data.channels=3 converts the images"),
+    (["train", RECIPE, "data.name=imagefolder", "data.root={tmp}/two_sizes", "run.out_dir={tmp}/runs",
+      "run.name=new"], {}, "are 8x8, 10x10: set data.image_size"),
+    (["train", RECIPE, "model.name=timm:vit_tiny_patch16_224", "run.out_dir={tmp}/runs", "run.name=new"], {},
+     "a network for 224x224 images; mnist images are 28x28: set model.img_size=28"),
     (["train", RECIPE, "model.name=resnet_small", "run.out_dir={tmp}/runs", "run.name=existing"], {},
      "holds another run (model.name cnn3, here resnet_small)"),                                 # reused run name
     (["train", RECIPE, "method.name=twins_at", "model.init_from={c100}", "data.batch_size=6"],
@@ -80,6 +109,13 @@ MISTAKES = [
     (["eval", "--checkpoint", "{resnet}", "--dataset", "mnist", "--eps", "4"], {}, "--eps=4.0"),
     (["eval", "--checkpoint", "{resnet}", "--dataset", "mnist", "--eps", "8/0"], {}, "--eps=8/0"),
     (["eval", "--model", "timm:resnet18", "--dataset", "mnist", "--eps", "8/255"], {}, "--weights"),
+    # a checkpoint of ours given as an external model's weights: its sidecar names model and normalisation
+    (["eval", "--model", "timm:resnet18", "--weights", "{resnet}/model.safetensors", "--dataset", "mnist"], {},
+     "--weights={resnet}/model.safetensors: a dist_robust checkpoint (its sidecar names its model and "
+     "normalisation): evaluate it with --checkpoint {resnet}/model.safetensors, without --model"),
+    (["eval", "--model", "timm:resnet18", "--weights", "{resnet}/model.json", "--dataset", "mnist"], {},
+     "--checkpoint {resnet}/model.json"),
+    (["eval", "--model", "timm:resnet18", "--weights", "{resnet}", "--dataset", "mnist"], {}, "--checkpoint {resnet}"),
     # the robust-overfitting guard never selects on the test split
     (["train", RECIPE, "eval.every=1"], {}, "set data.holdout (never select on the test split)"),
     (["train", RECIPE, "train.keep_best=true"], {}, "set eval.every > 0"),
@@ -165,3 +201,33 @@ def test_outputs_on_a_read_only_mount_are_refused_before_any_work(tmp_path, caps
             assert main(args) == 2
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and f"{ro} is on a read-only file system" in err, err
+
+
+def _uncreatable() -> Path:
+    """A folder where creating a file fails whatever the permission bits say, for root too (os.access
+    says yes there): sysfs, else procfs."""
+    import tempfile
+    for folder in (Path("/sys/kernel"), Path("/proc")):
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder)
+        except OSError:
+            return folder
+        os.close(fd)
+        os.unlink(probe)
+    pytest.skip("no folder here refuses new files (/sys/kernel and /proc take them)")
+
+
+def test_outputs_where_nothing_can_be_created_are_refused_before_any_work(world, capsys):
+    """train's run folder, eval --out and report --plot in a folder that is writable by its permission
+    bits but where creating a file fails (/sys): exit 2 and one line each, before the ranks, the
+    evaluation or the report (a traceback in train, a failure after the evaluation, before)."""
+    bad = _uncreatable()
+    for args, flag in ((["train", RECIPE, f"run.out_dir={bad}/dist_robust_test"], f"run.out_dir='{bad}/"),
+                       (["eval", "--checkpoint", world["resnet"], "--dataset", "mnist", "--limit", "8", "--attacks",
+                         "clean", "--out", f"{bad}/dist_robust_test/r.json"], f"--out={bad}/"),
+                       (["report", str(world["run"]), "--plot", f"{bad}/dist_robust_test"], f"--plot={bad}/")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"dist-robust: error: {flag}"), err
+        assert f"cannot create files in {bad} (" in err, err
+    assert not (bad / "dist_robust_test").exists()

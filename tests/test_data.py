@@ -224,6 +224,60 @@ def test_imagefolder(tmp_path):
     assert train.labels.tolist() == [0, 0, 1, 1, 2, 2, 2] and torch.all(train.images[-1] == 128)
 
 
+def _write_images(root, pixels: dict) -> None:
+    """root/{split}/{class}/{j}.png from {(split, class): [uint8 arrays]} (H x W, or H x W x 3 for RGB)."""
+    from PIL import Image
+    for (split, cls), arrays in pixels.items():
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for j, a in enumerate(arrays):
+            Image.fromarray(a).save(root / split / cls / f"{j}.png")  # L for H x W, RGB for H x W x 3
+
+
+def _grey(seed, n=2, size=12):
+    return list(np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8))
+
+
+def test_imagefolder_of_grey_images_loads_one_channel_at_their_own_size_with_their_statistics(tmp_path):
+    """Grey PNGs: 1 channel and their own 12 px (data.channels and data.image_size null), exact pixels;
+    model.normalize=dataset means these images' mean and std, not ImageNet's."""
+    pixels = {(split, cls): _grey(10 * i + k) for i, split in enumerate(["train", "test"])
+              for k, cls in enumerate(["a", "b"])}
+    _write_images(tmp_path, pixels)
+    root = str(tmp_path)
+    info = dataset_info("imagefolder", root=root)
+    assert (info.channels, info.size, info.num_classes, info.mean) == (1, 12, 2, None)
+    train = load_dataset("imagefolder", "train", root=root)
+    x = np.stack(pixels["train", "a"] + pixels["train", "b"])[:, None]
+    _assert_loaded(train, x, [0, 0, 1, 1])
+    mean, std = sources.dataset_stats("imagefolder", root=root)
+    assert np.allclose(mean, [x.mean() / 255]) and np.allclose(std, [x.std() / 255]) and mean[0] != 0.485
+    rgb = load_dataset("imagefolder", "test", root=root, channels=3)  # data.channels=3: converted to RGB
+    check_shape(rgb, 4, 3, 12)
+    assert torch.equal(rgb.images, rgb.images[:, :1].expand(-1, 3, -1, -1))
+    assert dataset_info("imagefolder", root=root, image_size=6, channels=3).channels == 3
+    check_shape(load_dataset("imagefolder", "train", root=root, image_size=6), 4, 1, 6)
+
+
+def test_imagefolder_colour_images_and_the_size_they_must_share(tmp_path):
+    """One colour image makes the set RGB (grey converts losslessly, colour does not); data.channels=1
+    converts; images of other sizes need data.image_size, refused in one line naming it."""
+    _write_images(tmp_path, {("train", "a"): _grey(0), ("test", "a"): _grey(1)})
+    colour = np.random.default_rng(2).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    _write_images(tmp_path, {("train", "b"): [colour]})
+    root = str(tmp_path)
+    assert dataset_info("imagefolder", root=root).channels == 3
+    grey = load_dataset("imagefolder", "train", root=root, channels=1)
+    check_shape(grey, 3, 1, 12)
+    from PIL import Image
+    Image.fromarray(_grey(3, 1, 16)[0]).save(tmp_path / "train" / "a" / "big.png")
+    sources.clear_cache()  # the folder changed under the cached scan
+    with pytest.raises(ValueError, match=r"^data.image_size=null takes the training images' own size, but those "
+                                         r"under .* are 12x12, 16x16: set data.image_size") as e:
+        dataset_info("imagefolder", root=root)
+    assert "\n" not in str(e.value)
+    check_shape(load_dataset("imagefolder", "train", root=root, image_size=8), 4, 3, 8)
+
+
 # ---------------------------------------------------------------- sharding and loaders
 
 @pytest.mark.parametrize("n", [0, 1, 7, 101, 1001])
@@ -338,3 +392,26 @@ def test_eval_loader_batch_of_one_and_values():
     assert [len(y) for _, y in batches] == [5, 5, 1] and loader.num_points == 11
     x, y = batches[-1]
     assert y.tolist() == [22] and torch.equal(x, ds.images[22:23].float() / 255)
+
+
+def test_a_run_on_a_grey_imagefolder_states_its_images_and_its_model_keeps_their_statistics(tmp_path, capsys):
+    """The start line says what was found in the images; model.normalize=dataset's statistics (computed
+    from the training images, logged) are the model's buffers, so evaluating its model.json reads them
+    from there."""
+    from conftest import TINY
+    from dist_robust import load_model
+    from dist_robust.cli import main
+    pixels = {(split, cls): _grey(10 * i + k, n=4) for i, split in enumerate(["train", "test"])
+              for k, cls in enumerate(["a", "b"])}
+    _write_images(tmp_path / "images", pixels)
+    root = str(tmp_path / "images")
+    assert main(["train", "configs/quickstart.yaml", *TINY, "data.name=imagefolder", f"data.root={root}",
+                 "data.batch_size=8", "eval.at_end=false", f"run.out_dir={tmp_path}", "run.name=grey"]) == 0
+    err = capsys.readouterr().err
+    assert "1-channel 12x12 images (size and channels from the training images)" in err, err
+    mean, std = sources.dataset_stats("imagefolder", root=root)
+    assert f"model.normalize=dataset: mean [{mean[0]:.4f}], std [{std[0]:.4f}] of imagefolder's training images" in err
+    model = load_model(tmp_path / "grey")
+    assert torch.equal(model.normalize.mean.flatten(), torch.tensor(mean, dtype=torch.float32))
+    assert main(["eval", "--checkpoint", str(tmp_path / "grey"), "--dataset", "imagefolder", "--root", root,
+                 "--attacks", "clean", "--out", str(tmp_path / "eval.json")]) == 0, capsys.readouterr().err

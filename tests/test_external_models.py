@@ -222,3 +222,42 @@ def test_twins_on_a_network_without_bn_is_refused_in_one_line():
     model = build_model("timm:vit_tiny_patch16_224", 3, 10, IMAGENET[0], IMAGENET[1])
     with pytest.raises(ValueError, match="needs BN layers in the tuned part; this model has none"):
         configure_finetuning(model, "all", 1, "freeze_all", "dual", [])
+
+
+VIT = "timm:vit_tiny_patch16_224"
+
+
+def test_a_vit_trains_at_28_px_with_the_image_and_patch_size_of_the_config(tmp_path, capsys):
+    """model.img_size=28 model.patch_size=4: a 1-channel ViT-Tiny trains one PGD-AT step on digits through
+    the CLI (without them it fails in the first attack step), and its exported model reloads with them
+    (load_model) and runs forward and backward at 28 px, as an attack step does."""
+    from dist_robust import load_model
+    args = ["train", "configs/quickstart.yaml", *TINY, f"model.name={VIT}", "model.img_size=28", "model.patch_size=4",
+            "data.subset=8", "data.batch_size=8", "eval.at_end=false", f"run.out_dir={tmp_path}", "run.name=vit"]
+    assert main(args) == 0, capsys.readouterr().err
+    model = load_model(tmp_path / "vit")
+    assert model.features.patch_embed.grid_size == (7, 7)
+    x = (load_dataset("digits", "test").images[:4].float() / 255).requires_grad_(True)
+    model(x).sum().backward()
+    assert x.grad.shape == (4, 1, 28, 28) and bool(x.grad.abs().sum() > 0)
+
+
+def test_image_and_patch_sizes_that_do_not_fit_are_refused_in_preflight(tmp_path):
+    assert _config_error(tmp_path, f"model.name={VIT}") == (
+        f"model.name='{VIT}': a network for 224x224 images; digits images are 28x28: set model.img_size=28 and "
+        "model.patch_size to a divisor of 28 (its patches are 16 px)")
+    assert _config_error(tmp_path, f"model.name={VIT}", "model.img_size=28") == (
+        "model.img_size=28: 28 px is not a whole number of 16 px patches: set model.patch_size to a divisor of 28")
+    assert _config_error(tmp_path, f"model.name={VIT}", "model.img_size=32", "model.patch_size=4") == (
+        "model.img_size=32: digits images are 28x28")
+    assert _config_error(tmp_path, "model.name=timm:test_resnet", "model.img_size=28").startswith(
+        "model.img_size=28: timm:test_resnet takes no img_size argument (ResNet.__init__() got an unexpected")
+    assert "an argument of timm networks (timm:ARCH); cnn3 takes none" in _config_error(tmp_path, "model.patch_size=4")
+    from dist_robust.checkpoint import save_checkpoint  # a source built with other sizes: its weights cannot fit
+    state = {"normalize.mean": torch.zeros(1, 1, 1, 1), "head.weight": torch.zeros(10, 192)}
+    save_checkpoint(tmp_path / "src", "model", state, dict(config={"model": {"name": VIT, "img_size": 28,
+                                                                             "patch_size": 4}}, epoch=1, step=1))
+    err = _config_error(tmp_path, f"model.name={VIT}", "model.img_size=28", "model.patch_size=7",
+                        f"model.init_from={tmp_path}/src")
+    assert "holds a timm:vit_tiny_patch16_224 built with img_size=28, patch_size=4; here model.img_size=28, " \
+           "model.patch_size=7: set them as the source's" in err

@@ -30,8 +30,9 @@ def betons(tmp_path_factory):
 
 
 def _data(out, fmt="raw", **kw):
-    return SimpleNamespace(**{**dict(name="digits", root=None, image_size=None, holdout=0, subset=None,
-                                     crop_padding=0, flip=False, ffcv_dir=str(out), ffcv_format=fmt), **kw})
+    return SimpleNamespace(**{**dict(name="digits", root=None, image_size=None, channels=None, holdout=0,
+                                     subset=None, crop_padding=0, flip=False, ffcv_dir=str(out), ffcv_format=fmt),
+                              **kw})
 
 
 def _eval_loader(out, fmt, batch, rank=0, world=1, limit=None, split="test"):

@@ -34,7 +34,7 @@ import torch
 
 from ..utils import atomic_write, sha256_file, shard_indices
 from .memory import _to_float, augment, epoch_batches, holdout_indices, TrainLoader
-from .sources import Dataset, dataset_info, load_dataset
+from .sources import Dataset, dataset_info, image_shape, load_dataset
 
 log = logging.getLogger("dist_robust")
 FORMATS = ("raw", "jpeg")
@@ -61,10 +61,13 @@ def content_sha256(ds: Dataset) -> str:
 
 
 def _source_key(name: str, split: str, root: Optional[str], image_size: Optional[int], fmt: str,
-                quality: int) -> dict:
-    """What a .beton was made from and how: a manifest whose key differs is stale."""
-    return {"dataset": name, "split": split, "root": str(Path(root).expanduser().resolve()) if root else None,
-            "image_size": image_size, "format": fmt, "quality": quality if fmt == "jpeg" else None}
+                quality: int, channels: Optional[int] = None) -> dict:
+    """What a .beton was made from and how: a manifest whose key differs is stale. imagefolder's size and
+    channels as its images load (found in them when not configured); the other datasets' keys as before."""
+    image_size, channels = image_shape(name, root, image_size, channels)
+    key = {"dataset": name, "split": split, "root": str(Path(root).expanduser().resolve()) if root else None,
+           "image_size": image_size, "format": fmt, "quality": quality if fmt == "jpeg" else None}
+    return key if channels is None else {**key, "channels": channels}
 
 
 ENDS = 1 << 20  # bytes hashed at each end of a .beton for its stamp
@@ -107,16 +110,17 @@ class _Indexed:
 
 
 def prepare(name: str, split: str, out_dir: str | Path, fmt: str = "raw", quality: int = 90,
-            root: Optional[str] = None, image_size: Optional[int] = None, workers: int = 1) -> tuple[Path, bool]:
+            root: Optional[str] = None, image_size: Optional[int] = None, workers: int = 1,
+            channels: Optional[int] = None) -> tuple[Path, bool]:
     """Write NAME-SPLIT-FORMAT.beton and its manifest unless an up-to-date one is there.
     Returns (path, whether it was written)."""
     if fmt not in FORMATS:
         raise FFCVDataError(f"--format {fmt!r}: must be one of {', '.join(FORMATS)}")
     if not 1 <= quality <= 100:
         raise FFCVDataError(f"--quality {quality}: must be in [1, 100]")
-    ds = load_dataset(name, split, root=root, image_size=image_size)
+    ds = load_dataset(name, split, root=root, image_size=image_size, channels=channels)
     beton = beton_path(out_dir, name, split, fmt)
-    key = _source_key(name, split, root, image_size, fmt, quality)
+    key = _source_key(name, split, root, image_size, fmt, quality, channels)
     content = content_sha256(ds)
     try:
         old = verify(beton)  # hashed in full; its stamp brought up to date
@@ -165,13 +169,13 @@ def verify(beton: Path) -> dict:
     return manifest
 
 
-def checked_manifest(beton: Path, name: str, split: str, root, image_size, fmt: str) -> dict:
+def checked_manifest(beton: Path, name: str, split: str, root, image_size, fmt: str, channels=None) -> dict:
     """The manifest of a .beton that matches the run and its hash; FFCVDataError otherwise."""
     hint = f"run `dist-robust prepare {name} --split {split} --format {fmt}` to rebuild it"
     manifest = verified_manifest(beton, hint)
     src = dict(manifest.get("source", {}))
     src.pop("quality", None)  # any JPEG quality serves
-    want = _source_key(name, split, root, image_size, fmt, 0)
+    want = _source_key(name, split, root, image_size, fmt, 0, channels)
     want.pop("quality")
     if src != want:
         raise FFCVDataError(f"{beton} was made from {src}, not from this run's data ({want}): {hint}", "stale")
@@ -242,9 +246,10 @@ class FFCVTrainLoader:
                  device="cpu", workers: int = 1, beton: Optional[Path] = None, info=None):
         """``beton`` and ``info``: a .beton of other data than ``data`` names (bench/loaders.py)."""
         if beton is None:
-            self.info = dataset_info(data.name, data.root, data.image_size)
+            self.info = dataset_info(data.name, data.root, data.image_size, data.channels)
             self.beton = beton_path(data.ffcv_dir, data.name, "train", data.ffcv_format)
-            manifest = checked_manifest(self.beton, data.name, "train", data.root, data.image_size, data.ffcv_format)
+            manifest = checked_manifest(self.beton, data.name, "train", data.root, data.image_size, data.ffcv_format,
+                                        data.channels)
         else:
             self.info, self.beton, manifest = info, beton, verified_manifest(beton)
         labels = torch.tensor(manifest["labels"])

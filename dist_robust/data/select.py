@@ -47,7 +47,7 @@ def ensure_beton(data, split: str) -> None:
     if dist.is_main():
         path = beton_path(data.ffcv_dir, data.name, split, data.ffcv_format)
         try:
-            checked_manifest(path, data.name, split, data.root, data.image_size, data.ffcv_format)
+            checked_manifest(path, data.name, split, data.root, data.image_size, data.ffcv_format, data.channels)
         except FFCVDataError as e:
             if e.kind == "corrupt":
                 error = str(e)
@@ -55,7 +55,8 @@ def ensure_beton(data, split: str) -> None:
                 log.info("preparing %s (%s)", path, e.kind)
                 try:  # a failure (a full disk, say) must reach the other ranks, not leave them waiting
                     prepare(data.name, split, data.ffcv_dir, data.ffcv_format, root=data.root,
-                            image_size=data.image_size, workers=max(1, torch.get_num_threads()))
+                            image_size=data.image_size, workers=max(1, torch.get_num_threads()),
+                            channels=data.channels)
                 except (OSError, ValueError) as e:
                     error = f"preparing {path} failed: {e}"
     error = dist.broadcast_object(error)
@@ -85,6 +86,7 @@ def ffcv_eval_loader(data, split: str, batch_size: int, device, limit=None):
     from .sources import dataset_info
     ensure_beton(data, split)
     path = beton_path(data.ffcv_dir, data.name, split, data.ffcv_format)
-    manifest = checked_manifest(path, data.name, split, data.root, data.image_size, data.ffcv_format)
-    return FFCVEvalLoader(path, manifest, dataset_info(data.name, data.root, data.image_size).channels, batch_size,
+    manifest = checked_manifest(path, data.name, split, data.root, data.image_size, data.ffcv_format, data.channels)
+    channels = dataset_info(data.name, data.root, data.image_size, data.channels).channels
+    return FFCVEvalLoader(path, manifest, channels, batch_size,
                           dist.rank(), dist.world_size(), device, limit, workers=data.workers or torch.get_num_threads())

@@ -52,8 +52,8 @@ class DatasetInfo:
     channels: int
     size: int                    # square side in pixels
     num_classes: int
-    mean: tuple[float, ...]      # per channel, in [0, 1] pixel units
-    std: tuple[float, ...]
+    mean: Optional[tuple[float, ...]]  # per channel, in [0, 1] pixel units; None: computed from the
+    std: Optional[tuple[float, ...]]   # training images when asked for (imagefolder: dataset_stats)
     needs_root: bool             # True: the files come from data.root
 
 
@@ -309,21 +309,24 @@ def _image_classes(root: Path) -> list[str]:
     return classes
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
-    """RGB, shorter side resized to `size`, centre crop: the usual evaluation transform."""
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}  # PIL modes of one channel
+
+
+def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Grey (1 channel) or RGB, shorter side resized to `size`, centre crop: the usual evaluation transform."""
     from PIL import Image
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = im.convert("L" if channels == 1 else "RGB")
         w, h = im.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         im = im.resize((nw, nh), Image.BILINEAR)
         left, top = round((nw - size) / 2), round((nh - size) / 2)
         im = im.crop((left, top, left + size, top + size))
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+        return np.asarray(im, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)
 
 
-def _load_imagefolder(split: str, root: Path, size: int):
+def _image_files(split: str, root: Path) -> list[tuple[Path, int]]:
     classes = _image_classes(root)  # always from train, so test labels mean the same classes
     folder = root / split
     if not folder.is_dir():
@@ -335,9 +338,51 @@ def _load_imagefolder(split: str, root: Path, size: int):
              for p in sorted((folder / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise FileNotFoundError(f"imagefolder: no .png/.jpg/.jpeg/.bmp images under {folder}")
-    x = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    return files
+
+
+@functools.lru_cache(maxsize=None)
+def _scan(root: str) -> tuple[int, frozenset]:
+    """(channels, {(width, height)}) of the training images, from their headers alone (PIL decodes
+    nothing until asked): 1 channel when every image is grey, else 3 (grey converts to RGB losslessly,
+    colour to grey does not)."""
+    from PIL import Image
+    grey, sizes = True, set()
+    for path, _ in _image_files("train", Path(root)):
+        try:
+            with Image.open(path) as im:
+                grey, size = grey and im.mode in GREY_MODES, im.size
+        except OSError as e:  # PIL's UnidentifiedImageError too
+            raise ValueError(f"imagefolder: {path} is not a readable image ({e})") from None
+        sizes.add(size)
+    return (1 if grey else 3), frozenset(sizes)
+
+
+def _image_shape(root: str, image_size: Optional[int], channels: Optional[int]) -> tuple[int, int]:
+    """(side, channels) of an imagefolder's images as loaded: as configured, else as its training images
+    are (data.image_size=null: their own size, which they must share; data.channels=null: see _scan)."""
+    if image_size is not None and image_size <= 0:
+        raise ValueError(f"data.image_size={image_size}: must be positive")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"data.channels={channels}: must be 1 or 3 (null: from the images)")
+    if image_size is not None and channels is not None:
+        return image_size, channels  # nothing to look at: a large folder need not be scanned
+    found, sizes = _scan(root)
+    if image_size is None:
+        w, h = next(iter(sizes))
+        if len(sizes) > 1 or w != h:
+            shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3]) + (", ..." if len(sizes) > 3 else "")
+            raise ValueError(f"data.image_size=null takes the training images' own size, but those under {root} "
+                             f"are {shown}: set data.image_size (each is resized and centre-cropped to it)")
+        image_size = w
+    return image_size, channels or found
+
+
+def _load_imagefolder(split: str, root: Path, size: int, channels: int):
+    files = _image_files(split, root)
+    x = np.empty((len(files), channels, size, size), dtype=np.uint8)
     for i, (p, _) in enumerate(files):
-        x[i] = _load_image(p, size)
+        x[i] = _load_image(p, size, channels)
     return x, np.array([label for _, label in files], dtype=np.int64)
 
 
@@ -346,13 +391,12 @@ def _load_imagefolder(split: str, root: Path, size: int):
 @dataclass(frozen=True)
 class Source:
     info: DatasetInfo
-    load: Callable  # packaged: load(root) -> both splits; needs_root: load(split, root[, size])
+    load: Callable  # packaged: load(root) -> both splits; needs_root: load(split, root[, size, channels])
     uses_root: bool = False  # packaged data that may still be pointed elsewhere with data.root
     train_size: Optional[int] = None  # packaged data: images in the train split (config checks)
     markers: tuple[str, ...] = ()  # user data: files of which one must be under data.root (config checks)
 
 
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASETS: dict[str, Source] = {s.info.name: s for s in (
     Source(DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), False), _load_mnist, train_size=60000),
     Source(DatasetInfo("fashion_mnist", 1, 28, 10, (0.2860,), (0.3530,), False), _load_fashion, True,
@@ -368,13 +412,16 @@ DATASETS: dict[str, Source] = {s.info.name: s for s in (
            _load_cifar100, markers=("cifar-100-python/test", "cifar-100-binary/test.bin", "test", "test.bin")),
     Source(DatasetInfo("svhn", 3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), True),
            _load_svhn, markers=tuple(f"{d}test_32x32.mat" for d in ("svhn/", "SVHN/", ""))),
-    # size and num_classes depend on image_size and the class folders: filled in by dataset_info
-    Source(DatasetInfo("imagefolder", 3, 224, 0, *_IMAGENET, True), _load_imagefolder),
+    # channels, size and classes are those of the folder (dataset_info); mean/std those of its training
+    # images (dataset_stats)
+    Source(DatasetInfo("imagefolder", 0, 0, 0, None, None, True), _load_imagefolder),
 )}
 
 
-def _normalize(name: str, root, image_size) -> tuple[Source, Optional[str], Optional[int]]:
-    """Canonical arguments, so that equivalent calls share one cache entry."""
+def _normalize(name: str, root, image_size, channels=None) -> tuple[Source, Optional[str], Optional[int],
+                                                                     Optional[int]]:
+    """Canonical arguments, so that equivalent calls share one cache entry: imagefolder's size and channels
+    as its images are loaded, None for the other datasets (theirs are fixed)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
     src = DATASETS[name]
@@ -385,12 +432,9 @@ def _normalize(name: str, root, image_size) -> tuple[Source, Optional[str], Opti
     else:
         root = None
     if name != "imagefolder":
-        image_size = None
-    elif image_size is None:
-        image_size = 224
-    elif image_size <= 0:
-        raise ValueError(f"data.image_size must be positive, got {image_size}")
-    return src, root, image_size
+        return src, root, None, None
+    _require_root(name, root)
+    return (src, root, *_image_shape(root, image_size, channels))
 
 
 def _require_root(name: str, root: Optional[str]) -> None:
@@ -398,12 +442,47 @@ def _require_root(name: str, root: Optional[str]) -> None:
         raise ValueError(f"dataset {name!r} reads user files: pass data.root=<folder with them>")
 
 
-def dataset_info(name: str, root: Optional[str] = None, image_size: Optional[int] = None) -> DatasetInfo:
-    src, root, image_size = _normalize(name, root, image_size)
+def dataset_info(name: str, root: Optional[str] = None, image_size: Optional[int] = None,
+                 channels: Optional[int] = None) -> DatasetInfo:
+    src, root, image_size, channels = _normalize(name, root, image_size, channels)
     if name == "imagefolder":
-        _require_root(name, root)
-        return DatasetInfo(name, 3, image_size, len(_image_classes(Path(root))), *_IMAGENET, True)
+        return DatasetInfo(name, channels, image_size, len(_image_classes(Path(root))), None, None, True)
     return src.info
+
+
+def image_shape(name: str, root: Optional[str] = None, image_size: Optional[int] = None,
+                channels: Optional[int] = None) -> tuple[Optional[int], Optional[int]]:
+    """(side, channels) that imagefolder's images load with; (None, None) for the other datasets."""
+    return _normalize(name, root, image_size, channels)[2:]
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 [N, C, H, W] images in [0, 1] units, from exact
+    integer counts of each value: the same on every rank and machine, whatever the order."""
+    n = images.numel() // images.shape[1]
+    mean, std = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+        values = torch.arange(256, dtype=torch.float64)
+        m = float((counts * values).sum()) / n
+        mean.append(m / 255)
+        std.append(max(float((counts * values ** 2).sum()) / n - m * m, 0.0) ** 0.5 / 255)
+    return tuple(mean), tuple(std)
+
+
+@functools.lru_cache(maxsize=None)
+def _stats(name: str, root: Optional[str], image_size: Optional[int], channels: Optional[int]):
+    return pixel_stats(_load(name, "train", root, image_size, channels).images)
+
+
+def dataset_stats(name: str, root: Optional[str] = None, image_size: Optional[int] = None,
+                  channels: Optional[int] = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of the dataset's training images (all of the train split, data.holdout's
+    included, as the registered datasets' were computed): the registry's, or computed once (imagefolder)."""
+    src, root, image_size, channels = _normalize(name, root, image_size, channels)
+    if src.info.mean is not None:
+        return src.info.mean, src.info.std
+    return _stats(name, root, image_size, channels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -412,32 +491,36 @@ def _packaged(name: str, root: Optional[str]) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str, split: str, root: Optional[str], image_size: Optional[int]) -> Dataset:
+def _load(name: str, split: str, root: Optional[str], image_size: Optional[int], channels: Optional[int]) -> Dataset:
     src = DATASETS[name]
     if not src.info.needs_root:
         x, y = _packaged(name, root)[split]
     elif name == "imagefolder":
-        x, y = src.load(split, Path(root), image_size)
+        x, y = src.load(split, Path(root), image_size, channels)
     else:
         x, y = src.load(split, Path(root))
     return Dataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y),
-                   dataset_info(name, root, image_size))
+                   dataset_info(name, root, image_size, channels))
 
 
 def load_dataset(name: str, split: str = "train", root: Optional[str] = None,
-                 image_size: Optional[int] = None) -> Dataset:
-    """The split as uint8 tensors, cached in-process: callers must not mutate them."""
+                 image_size: Optional[int] = None, channels: Optional[int] = None) -> Dataset:
+    """The split as uint8 tensors, cached in-process: callers must not mutate them. imagefolder's
+    ``image_size`` and ``channels`` (None: as its training images are) are those of data.image_size and
+    data.channels."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (use 'train' or 'test')")
-    src, root, image_size = _normalize(name, root, image_size)
+    src, root, image_size, channels = _normalize(name, root, image_size, channels)
     if src.info.needs_root:
         _require_root(name, root)
-    return _load(name, split, root, image_size)
+    return _load(name, split, root, image_size, channels)
 
 
 def clear_cache() -> None:
     _load.cache_clear()
     _packaged.cache_clear()
+    _stats.cache_clear()
+    _scan.cache_clear()
 
 
 load_dataset.cache_clear = clear_cache  # the functools.lru_cache spelling, for tests and notebooks

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist
 from ..config import Config, from_dict
-from ..data import dataset_info, load_split
+from ..data import data_info, data_stats, load_split
 from ..data.select import resolve_loader, train_loader
 from ..methods import MODULE_SELECTORS, build_method
 from ..models import build_model, head_classes, load_backbone, load_state_strict, model_from_state
@@ -46,14 +46,18 @@ def build(cfg: Config, device: torch.device):
     """Dataset and model of a run (the model on ``device``, with its source backbone if any). The
     dataset is None when the run reads a .beton (data.loader=ffcv): then nothing is loaded here."""
     if resolve_loader(cfg.data) == "ffcv":
-        train_set, info = None, dataset_info(cfg.data.name, cfg.data.root, cfg.data.image_size)
+        train_set, info = None, data_info(cfg.data)
     else:
         train_set = load_split(cfg.data, "train")
         info = train_set.info
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    mean, std = normalize_stats(cfg.model.normalize, info.mean, info.std)
+    dataset = cfg.model.normalize == "dataset"  # imagefolder's statistics: computed from its training images
+    mean, std = normalize_stats(cfg.model.normalize, *(data_stats(cfg.data) if dataset else (info.mean, info.std)))
+    if dataset and info.mean is None:  # the model's buffers keep them: its evaluation reads them from there
+        log.info("model.normalize=dataset: mean %s, std %s of %s's training images", _rounded(mean),
+                 _rounded(std), info.name)
     model = build_model(cfg.model.name, info.channels, info.num_classes, mean, std, image_size=info.size,
-                        weights=cfg.model.weights, new_head=cfg.model.new_head)
+                        weights=cfg.model.weights, new_head=cfg.model.new_head, **cfg.model.network_kwargs())
     if cfg.model.weights:
         log.info("%s: weights from %s (%s head)", cfg.model.name, cfg.model.weights,
                  "a new" if cfg.model.new_head else "their")
@@ -63,6 +67,18 @@ def build(cfg: Config, device: torch.device):
         log.info("initialised from %s (trained on %s)", cfg.model.init_from,
                  meta.get("config", {}).get("data", {}).get("name", "?"))
     return train_set, model.to(device)
+
+
+def _rounded(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def _images(cfg: Config) -> str:
+    """What the start line says of the images: imagefolder's size and channels may come from its files."""
+    info, d = data_info(cfg.data), cfg.data
+    found = [what for what, key in (("size", d.image_size), ("channels", d.channels)) if key is None]
+    return (f"{info.channels}-channel {info.size}x{info.size} images" +
+            (f" ({' and '.join(found)} from the training images)" if d.name == "imagefolder" and found else ""))
 
 
 def training_form(cfg: Config, model, method, device: torch.device):
@@ -87,11 +103,12 @@ def exported_model(sidecar: Path, device: torch.device) -> torch.nn.Module:
     and exported exactly as the run's end exports, so the last epoch's checkpoint is the run's model."""
     state, meta = load_checkpoint(sidecar)
     cfg = from_dict(meta["config"])
+    sizes = cfg.model.network_kwargs()  # a timm ViT's img_size and patch_size: its weights' shapes
     if "train_file" not in meta:
-        return model_from_state(cfg.model.name, state).to(device)
+        return model_from_state(cfg.model.name, state, **sizes).to(device)
     channels = state["normalize.mean"].numel()
     classes = head_classes({k: v.shape for k, v in state.items()})
-    model = build_model(cfg.model.name, channels, classes, [0.0] * channels, [1.0] * channels)
+    model = build_model(cfg.model.name, channels, classes, [0.0] * channels, [1.0] * channels, **sizes)
     method = build_method(cfg)
     model = training_form(cfg, model, method, device)
     load_state_strict(model, state, cfg.model.name)
@@ -345,9 +362,9 @@ def setup(cfg: Config, device: torch.device) -> Run:
             if name in own_buffers:
                 buf.copy_(own_buffers[name])
     engine = "ddp" if cfg.dist.engine == "ddp" else f"deepspeed ZeRO-{cfg.dist.zero_stage}"
-    log.info("%s: %s on %s (%d images, %s loader, %d rank%s, %d steps/epoch), method %s, %s, device %s",
+    log.info("%s: %s on %s (%d images, %s loader, %d rank%s, %d steps/epoch), method %s, %s, device %s, %s",
              cfg.run.name, cfg.model.name, cfg.data.name, loader.num_points, resolve_loader(cfg.data), world,
-             "s" if world > 1 else "", steps_per_epoch, cfg.method.name, engine, device)
+             "s" if world > 1 else "", steps_per_epoch, cfg.method.name, engine, device, _images(cfg))
     selection = read_sidecar(sidecar).get("selection", {}) if sidecar else {}
     return Run(cfg, model, method, trainer, loader, journal, step, start_epoch, start_batch, resumed_totals, selection)
 

@@ -194,13 +194,14 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], name: st
         raise ValueError(f"checkpoint does not fit model {name!r}: {detail}") from None
 
 
-def model_from_state(name: str, state: dict[str, torch.Tensor]) -> ImageClassifier:
-    """Rebuild a trained model from its checkpoint state alone: channels from the stored mean,
-    classes from the head (strict load: a state of another architecture raises)."""
+def model_from_state(name: str, state: dict[str, torch.Tensor], **backbone_kwargs) -> ImageClassifier:
+    """Rebuild a trained model from its checkpoint state: channels from the stored mean, classes from
+    the head (strict load: a state of another architecture raises); ``backbone_kwargs`` as it was built
+    (a timm ViT's img_size and patch_size: its run's model.network_kwargs())."""
     for key in ("normalize.mean", "normalize.std", "head.weight"):
         if key not in state:
             raise ValueError(f"checkpoint state lacks {key}: not a dist_robust model")
     channels, classes = state["normalize.mean"].numel(), state["head.weight"].shape[0]
-    model = build_model(name, channels, classes, [0.0] * channels, [1.0] * channels)
+    model = build_model(name, channels, classes, [0.0] * channels, [1.0] * channels, **backbone_kwargs)
     load_state_strict(model, state, name)
     return model

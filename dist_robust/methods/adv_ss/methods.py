@@ -40,10 +40,12 @@ class AdvSSConfig(MethodConfig):
         check(self.selfie_grid >= 3, "method.selfie_grid", self.selfie_grid, "must be >= 3 (two targets or more)")
         check(self.selfie_layers >= 1, "method.selfie_layers", self.selfie_layers, "must be >= 1")
         check(self.selfie_heads >= 1, "method.selfie_heads", self.selfie_heads, "must be >= 1")
-        size = (d.image_size or 224) if d.name == "imagefolder" else DATASETS[d.name].info.size
+        # imagefolder's size may be its images' own (data.image_size=null): not known without reading them
+        size = d.image_size if d.name == "imagefolder" else DATASETS[d.name].info.size
         for task, key, grid in (("jigsaw", "method.jigsaw_grid", self.jigsaw_grid),
                                 ("selfie", "method.selfie_grid", self.selfie_grid)):
-            check(task not in self.tasks() or size % grid == 0, key, grid, f"must divide {d.name}'s image size {size}")
+            check(task not in self.tasks() or not size or size % grid == 0, key, grid,
+                  f"must divide {d.name}'s image size {size}")
         check(not cfg.eval.at_end, "eval.at_end", cfg.eval.at_end,
               f"{self.name} trains a pretext head, not a {d.name} classifier: set eval.at_end=false")
         check(a.loss == "ce", "attack.loss", a.loss, f"{self.name} attacks the pretext task's cross-entropy: use ce")

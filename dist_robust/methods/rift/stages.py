@@ -95,7 +95,7 @@ def _model_hash(path: str) -> str:
 
 def _load(cfg, path: str, device) -> tuple[torch.nn.Module, dict]:
     state, _ = load_checkpoint(path)
-    return model_from_state(cfg.model.name, state).to(device).eval(), state
+    return model_from_state(cfg.model.name, state, **cfg.model.network_kwargs()).to(device).eval(), state
 
 
 def adversarial_set(model, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
