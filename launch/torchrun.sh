@@ -14,6 +14,9 @@
 #
 # Arguments: CONFIG [section.key=value ...], passed to `dist_robust train` unchanged; a first
 # argument `train` or `eval` selects the subcommand instead.
+# Exit status: the command's; 143 when stopped by SIGTERM (130: SIGINT), every rank at one step with
+# its checkpoint. The agent is torchrun's own, run by dist_robust/torchrun.py, which turns torchrun's
+# status 1 and traceback on such a stop into that status and one line.
 # Environment:
 #   NPROC_PER_NODE   ranks on this node (default: the visible GPUs, else 2 on CPU)
 #   NNODES           nodes (default 1: `--standalone`, a private rendezvous on a free port)
@@ -22,8 +25,8 @@
 #   MAX_RESTARTS     torchrun's --max-restarts (default 0; a restart resumes from the last checkpoint)
 #   OMP_NUM_THREADS  OpenMP threads per rank; on CPU the default is the cores shared out over the ranks
 #                    (torch's own thread count is train.threads, by default the same share)
-#   DIST_ROBUST_PYTHON  interpreter to run (`$DIST_ROBUST_PYTHON -m torch.distributed.run`); without
-#                    it the project's .venv/bin/torchrun when present, else `torchrun` on PATH
+#   DIST_ROBUST_PYTHON  interpreter to run; without it the project's .venv/bin/python when present,
+#                    else python3 on PATH (it must import torch)
 #   TORCHRUN_ARGS    extra torchrun flags, word-split (e.g. "--log-dir=/tmp/tr")
 set -euo pipefail
 
@@ -32,15 +35,16 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ -n "${DIST_ROBUST_PYTHON:-}" ]; then
-  TORCHRUN=("$DIST_ROBUST_PYTHON" -m torch.distributed.run)
-elif [ -x "$ROOT/.venv/bin/torchrun" ]; then
-  TORCHRUN=("$ROOT/.venv/bin/torchrun")
-elif command -v torchrun >/dev/null; then
-  TORCHRUN=(torchrun)
+  PY=$DIST_ROBUST_PYTHON
+elif [ -x "$ROOT/.venv/bin/python" ]; then
+  PY=$ROOT/.venv/bin/python
+elif command -v python3 >/dev/null && python3 -c 'import importlib.util as u, sys; sys.exit(not u.find_spec("torch"))'; then
+  PY=python3
 else
-  echo "torchrun.sh: no torchrun: run 'make install' (creates .venv), put torchrun on PATH or set DIST_ROBUST_PYTHON" >&2
+  echo "torchrun.sh: no Python with torch: run 'make install' (creates .venv), or set DIST_ROBUST_PYTHON" >&2
   exit 2
 fi
+TORCHRUN=("$PY" -m dist_robust.torchrun)  # torchrun, exiting 143 when stopped by SIGTERM
 
 if [ $# -eq 0 ]; then
   echo "usage: $0 CONFIG [section.key=value ...]   (or: $0 eval --checkpoint PATH --dataset NAME ...)" >&2

@@ -71,7 +71,8 @@ def _two_nodes(tmp_path: Path, args, tag: str):
 def test_torchrun_sh_two_nodes_c10d_stopped_by_sigterm_resume_bitwise(tmp_path, reference):
     """The reference run (conftest) on two "nodes" of one rank each meeting at a c10d rendezvous: SIGTERM
     to both agents mid-epoch (what scancel or a preemption sends to each node's step) stops both ranks at
-    one step with its checkpoint; the same two-node launch again resumes there and ends on the reference
+    one step with its checkpoint, and each torchrun.sh exits 143 without a traceback (torchrun itself: 1,
+    with its SignalException's); the same two-node launch again resumes there and ends on the reference
     run's weights, bitwise (so the two-node layout also trains as the one-node one)."""
     # the reference's threads per rank: the cores shared out over its 2 ranks on one node (here each
     # "node" has one local rank and would take all the cores)
@@ -96,7 +97,8 @@ def test_torchrun_sh_two_nodes_c10d_stopped_by_sigterm_resume_bitwise(tmp_path, 
                 p.wait()
     out = "\n".join(log.read_text() for log in logs)
     print(f"two agents' exit statuses on SIGTERM: {codes}")
-    assert all(c != 0 for c in codes), out[-4000:]  # a stopped run is no success (torchrun's own status)
+    assert codes == [143, 143] and "Traceback" not in out, out[-4000:]  # what a requeue keys on
+    assert out.count("torchrun: stopped by SIGTERM; its ranks have exited (exit status 143)") == 2, out[-4000:]
     assert all("--rdzv_backend=c10d" in log.read_text() and f"--rdzv_endpoint=127.0.0.1:{port}" in log.read_text()
                for log in logs)
     assert out.count("stopped by SIGTERM at step") == 1, out[-4000:]  # rank 0's line, on its node
@@ -124,14 +126,16 @@ def test_torchrun_sh_two_nodes_c10d_stopped_by_sigterm_resume_bitwise(tmp_path, 
 
 @pytest.fixture
 def fake_project(tmp_path):
-    """A copy of launch/torchrun.sh beside a fake .venv/bin/torchrun that prints its arguments, to
-    check the command lines torchrun.sh builds without running anything."""
+    """A copy of launch/torchrun.sh beside a fake .venv/bin/python that prints the torchrun arguments
+    it is given after `-m dist_robust.torchrun` (exit 9 without them), to check the command lines
+    torchrun.sh builds without running anything."""
     proj = tmp_path / "proj"
     (proj / "launch").mkdir(parents=True)
     shutil.copy(TORCHRUN_SH, proj / "launch" / "torchrun.sh")
-    fake = proj / ".venv" / "bin" / "torchrun"
+    fake = proj / ".venv" / "bin" / "python"
     fake.parent.mkdir(parents=True)
-    fake.write_text('#!/bin/sh\necho "OMP_NUM_THREADS=$OMP_NUM_THREADS"\nfor a in "$@"; do echo "$a"; done\n')
+    fake.write_text('#!/bin/sh\n[ "$1 $2" = "-m dist_robust.torchrun" ] || exit 9\nshift 2\n'
+                    'echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"\nfor a in "$@"; do echo "$a"; done\n')
     fake.chmod(0o755)
 
     def run(*args, **env):
@@ -266,5 +270,7 @@ def test_sbatch_two_ranks_requeued_by_usr1_resume_and_finish(slurm, tmp_path):
     assert "epoch 2/2" in out and "epoch 1/2" in out.split("restart 1 on ")[0]
     assert "epoch 1/2" not in out.split("restart 1 on ")[1]  # not trained again
     assert "srun exited with status 0" in out.split("restart 1 on ")[1]
+    # the requeue's SIGTERM: the batch shell waits for srun, which exits 143 (torchrun alone: 1, a traceback)
+    assert "srun exited with status 143" in out.split("restart 1 on ")[0] and "Traceback" not in out, out[-3000:]
     _check_results(tmp_path / "rq")
     print(f"sbatch, requeue after epoch 1 and resume: {time.monotonic() - t0:.1f} s")

@@ -29,15 +29,23 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def unwritable(folder: Path) -> str | None:
     """Why files cannot be written into ``folder`` (created if missing), or None: a regular file in the
-    way, a read-only file system, or a folder this process may not write."""
-    folder = Path(folder).expanduser().absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if os.statvfs(existing).f_flag & os.ST_RDONLY:
-        return f"{existing} is on a read-only file system"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable by this user"
+    way, a read-only file system, or a folder where creating a file fails. A file is created (and
+    removed) in ``folder`` or, when it does not exist yet, in its nearest existing parent, where its
+    missing folders would go: permission bits say yes to root everywhere, and to anyone on /sys, where
+    nothing can be created. Nothing is left behind, and ranks checking at once do not collide."""
+    existing = Path(folder).expanduser().absolute()
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing} is a file, not a folder"
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            return f"{existing} is on a read-only file system"
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot create files in {existing} ({e.strerror})"
     return None
 
 
