@@ -30,8 +30,8 @@ from .checkpoint import read_sidecar, resolve
 from .data import load_split
 from .data.memory import _to_float
 from .data.select import ffcv_eval_loader, resolve_loader
-from .report import progress
 from .utils import atomic_write, sha256_file, shard_indices
+from .utils.lines import Every
 from .utils.signals import StopSignals, Stopped
 log = logging.getLogger("dist_robust")
 
@@ -122,7 +122,7 @@ def _recut(batches, sizes):
 def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, batch_size: int,
              device: torch.device, limit: int | None = None, seed: int = 0, norm: str = "Linf",
              restarts: int = 1, attack_opts: dict | None = None, aa_state_dir: Path | None = None,
-             fingerprint: str = "", progress=None, aa_block_size: int = 500, loader=None,
+             fingerprint: str = "", say=None, aa_block_size: int | None = None, loader=None,
              state: Path | None = None, state_key: dict | None = None) -> dict:
     """Evaluate the unwrapped ``model`` on this rank's blocks; returns the summed results dict.
     attack_opts: extra pgd() keywords (compile, precision, channels_last). ``loader``: an FFCVEvalLoader
@@ -136,7 +136,9 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
     settings and ``state_key``), and SIGTERM / SIGINT stop every rank at one round: ``Stopped`` is
     raised once the state is saved. A later call with the same settings continues from the saved
     blocks on any world size, with the counts an unbroken evaluation gives (each point's random
-    starts come from its global index). AutoAttack keeps its own state (``aa_state_dir``)."""
+    starts come from its global index). AutoAttack keeps its own state (``aa_state_dir``) and blocks
+    (``aa_block_size``, None: a function of n alone). ``say``: rank 0's progress lines, at most one per
+    30 s of PGD / CW (None: none) and AutoAttack's plan, results and blocks (None: the log's info)."""
     specs = {name: parse_attack(name) for name in attacks if name != "clean"}
     iterative = {k: s for k, s in specs.items() if s["kind"] == "pgd"}
     rank, world = dist.rank(), dist.world_size()
@@ -166,9 +168,10 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
         pieces = _recut(loader, [len(blocks[b]) for b in mine])
     was_training = model.training
     model.eval()
+    t0, every = time.perf_counter(), Every()
     try:
         with StopSignals() if state is not None else contextlib.nullcontext() as signals:
-            for r in (progress(range(rounds)) if progress else range(rounds)):
+            for r in range(rounds):
                 row = torch.zeros(world, 2 + width, dtype=torch.float64)  # block + 1, signal, counts
                 if r < len(mine):
                     x_all, y_all = next(pieces)
@@ -183,6 +186,10 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
                         counts += torch.tensor(c, dtype=torch.float64)
                 if state is not None and dist.is_main():
                     _write_state(Path(state), args, size, done, seconds.tolist())
+                if say and iterative and every() and dist.is_main():  # global counts: after the all_reduce
+                    robust = ", ".join(f"{k} {int(counts[2 + j])}" for j, k in enumerate(iterative))
+                    say(f"eval: blocks {len(done)}/{len(blocks)} ({int(counts[0])}/{n_total} points): clean "
+                        f"{int(counts[1])}, {robust} correct so far, {time.perf_counter() - t0:.0f} s")
                 signum = int(row[:, 1].max())
                 if signum:
                     dist.barrier()  # rank 0's state is on disk before any rank leaves
@@ -208,7 +215,7 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
         else:
             state_dir = aa_state_dir if aa_state_dir is None or name == "aa" else Path(aa_state_dir) / name
             result["attacks"][name] = _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed,
-                                                  state_dir, fingerprint, aa_block_size, spec["version"])
+                                                  state_dir, fingerprint, aa_block_size, spec["version"], say)
     return result
 
 
@@ -238,11 +245,12 @@ def _block_counts(model, x_all, y_all, first: int, iterative: dict, batch_size: 
 
 
 def _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed, state_dir, fingerprint,
-                block_size, version) -> dict:
+                block_size, version, say) -> dict:
     from .attacks.autoattack import autoattack
     t0 = time.perf_counter()
     res = autoattack(model, dataset, eps, norm=norm, batch_size=batch_size, device=device, limit=limit,
-                     seed=seed, state_dir=state_dir, fingerprint=fingerprint, block_size=block_size, version=version)
+                     seed=seed, state_dir=state_dir, fingerprint=fingerprint, block_size=block_size, version=version,
+                     say=say)
     return {"correct": res["correct"], "acc": res["acc"], "eps": eps, "norm": norm, "steps": res["settings"],
             "backend": "pyautoattack " + _pyautoattack_version(), "version": res["version"],
             "block_size": res["block_size"], "seed": seed,
@@ -303,7 +311,7 @@ def evaluate_run(cfg, model, device, checkpoint: str, out: Path, journal=None, e
         each.append(evaluate(model, test_set, e.attacks, r, cfg.data.eval_batch_size, device, limit=e.limit,
                              seed=e.seed, norm=norm, restarts=e.restarts, attack_opts=eval_attack_opts(cfg),
                              aa_state_dir=out.with_name(stem + ".aa-state"), fingerprint=fingerprint,
-                             progress=lambda it: progress(it, None, "eval"), aa_block_size=e.aa_block_size,
+                             say=log.info, aa_block_size=e.aa_block_size,
                              loader=loader, state=states[-1], state_key={"dataset": cfg.data.name, "split": e.split}))
     counts = each[0] if len(radii) == 1 else dict(
         {k: v for k, v in each[0].items() if k != "attacks"}, norm=norm,

@@ -459,3 +459,46 @@ def test_l2_cascade_in_bounds_and_model_state_restored(trained, cut_budgets):
     assert all(r["rejected"] == 0 for r in res["per_attack"].values())
     assert res["correct"] <= min(pgd_robust, res["clean"]["correct"])
     assert res["per_attack"]["apgd-t"]["attacked"] > 0
+
+
+def test_default_blocks_give_every_rank_work_and_never_follow_the_ranks():
+    """The default block is a function of the points alone (the counts depend on the block size, so it
+    must not follow the ranks), and fewer points than the old default block of 500 per rank still give
+    every rank of up to 8 blocks; a size that leaves ranks idle is said in one line."""
+    import inspect
+    from dist_robust.api import evaluate_model
+    from dist_robust.attacks.autoattack import auto_block_size, idle_note, rank_blocks
+    from dist_robust.config import EvalConfig
+    for n in (57, 100, 203, 500, 1000, 3999):
+        for world in (2, 3, 4, 8):
+            assert all(len(rank_blocks(n, auto_block_size(n), r, world)) for r in range(world)), (n, world)
+            assert idle_note(n, auto_block_size(n), world) is None
+    assert auto_block_size(100) == 13 and auto_block_size(10_000) == 500 and auto_block_size(3) == 1
+    for fn in (autoattack, evaluate, evaluate_model):  # every layer leaves the choice to auto_block_size
+        params = inspect.signature(fn).parameters
+        assert params["block_size" if fn is autoattack else "aa_block_size"].default is None, fn.__name__
+    assert EvalConfig().aa_block_size is None
+    note = idle_note(100, 500, 2)  # the user's 500 on 2 ranks: one block, one rank idle
+    assert "1 block(s) of 500 points for 2 ranks leave 1 idle" in note and "aa_block_size <= 50" in note
+    assert "\n" not in note and len(rank_blocks(100, 50, 1, 2)) == 1
+
+
+def test_evaluate_model_prints_progress_lines_on_rank_0(monkeypatch, capsys):
+    """PGD rounds and AutoAttack's plan, blocks and results reach stderr (throttle off; an untrained
+    model, random noise for AutoAttack's attacks, in its default blocks); progress=False prints nothing."""
+    from dist_robust import evaluate_model
+    from dist_robust.utils import lines
+    model, test = _fresh_model().eval(), load_dataset("digits", "test")
+    monkeypatch.setattr(lines, "EVERY_S", 0.0)
+    monkeypatch.setattr(aa_mod, "build_attack", lambda name, net, eps, norm, *rest: _RandomSign(eps))
+    data = (test.images[:16], test.labels[:16])
+    res = evaluate_model(model, data, ["clean", "pgd-2", "aa"], eps=0.15, batch_size=8)
+    err = capsys.readouterr().err
+    assert res["attacks"]["aa"]["block_size"] == 2
+    assert "eval: blocks 2/2 (16/16 points): clean" in err and "pgd-2" in err, err
+    assert "autoattack standard on 16 points: 8 block(s) of 2 over 1 rank(s); apgd-ce, apgd-t, fab-t, square" in err
+    assert "autoattack apgd-ce: block 8/8 (points 14-15):" in err and "/16 robust so far" in err
+    assert "autoattack square:" in err and "attacked points still robust" in err
+    assert err.count("autoattack apgd-t: block") == 8
+    evaluate_model(model, data, ["clean", "pgd-2", "aa"], eps=0.15, batch_size=8, progress=False)
+    assert capsys.readouterr().err == ""

@@ -14,8 +14,9 @@ targets instead of 9. The cascade, the sharding and the bookkeeping around them 
   every output ourselves: one outside the eps ball or the [0, 1] box counts as a failed attack (and
   is logged), never as a success. So the result is the per-sample worst case over the cascade.
 * Sharding: the first n points are cut into blocks of ``block_size`` consecutive global indices
-  (independent of the world size) and every rank takes a contiguous run of whole blocks (sizes
-  differ by at most one block; a rank may get none and still joins every collective). No padding.
+  (independent of the world size; by default ``auto_block_size(n)``) and every rank takes a
+  contiguous run of whole blocks (sizes differ by at most one block; a rank may get none, said in
+  one warning, and still joins every collective). No padding.
 * Randomness: every attack call is seeded with ``seed``, as the reference seeds every batch with its
   ``seed``, and a call attacks the still-robust points of one block in chunks of ``batch_size``. So
   the flags do not depend on the world size (a block is attacked the same way on any rank), and with
@@ -41,11 +42,38 @@ from safetensors.torch import save as st_save
 
 from .. import dist
 from ..utils import atomic_write, shard_indices
+from ..utils.lines import Every
 from .pgd import NORMS, attack_mode
 
 VERSIONS = ("standard", "plus", "rand")
 STATE_FORMAT = "dist_robust.aa-state/2"
 TOL = {"Linf": 1e-6, "L2": 1e-5}  # float slack of the eps-ball check
+AUTO_BLOCKS, MAX_BLOCK = 8, 500  # the default block: n / 8 points, at most 500
+
+
+def auto_block_size(n: int) -> int:
+    """The default points per block: ceil(n / 8), at most 500. A function of n alone, never of the
+    world size: each attack call draws its randomness for one chunk of one block, so the block size
+    decides which points fall, and a size that followed the ranks would make the counts depend on
+    them. 8 blocks (from 57 points on) give up to 8 ranks work; from 4,000 points on the blocks hold
+    500 (the former default), as many as n asks for. On one rank, fewer, larger blocks run faster
+    (fewer sequential chunks) and one block of all n points gives fra31's own flags."""
+    return max(1, min(MAX_BLOCK, -(-n // AUTO_BLOCKS)))
+
+
+def rank_blocks(n: int, block_size: int, rank: int, world: int) -> range:
+    """The indices of this rank's blocks: a contiguous run of the ceil(n / block_size) blocks."""
+    return shard_indices(-(-n // block_size), rank, world)
+
+
+def idle_note(n: int, block_size: int, world: int) -> str | None:
+    """One line when some ranks get no block (None when every rank has one)."""
+    count = -(-n // block_size)
+    if count >= world:
+        return None
+    return (f"autoattack: {count} block(s) of {block_size} points for {world} ranks leave {world - count} "
+            f"idle; aa_block_size <= {max(1, n // world)} gives every rank a block (the counts depend on the "
+            f"block size, never on the ranks)")
 
 
 def reference(net, eps: float, norm: str, version: str = "standard", seed: int = 0, device="cpu",
@@ -155,29 +183,33 @@ def _load_state(path: Path, args: dict, size: int, log) -> tuple[int, dict, dict
 
 
 def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int = 500, device="cpu",
-               limit: int | None = None, seed: int = 0, block_size: int = 500, state_dir=None,
+               limit: int | None = None, seed: int = 0, block_size: int | None = None, state_dir=None,
                fingerprint: str = "", version: str = "standard", attacks=None, stop_after: str | None = None,
-               log=None) -> dict:
+               log=None, say=None) -> dict:
     """Robust accuracy of the unwrapped ``model`` under the AutoAttack cascade of ``version`` (or the
     prefix-ordered subset ``attacks`` of it) on the first ``limit`` points of ``dataset``, summed over
-    ranks (see the module docstring)."""
+    ranks (see the module docstring). ``block_size`` None: ``auto_block_size(n)``. Rank 0 tells
+    ``say`` (default: the log's info) the plan, each attack's result and, at most every 30 s, the
+    block it finished."""
     log = log or logging.getLogger("dist_robust")
+    tell = (say or log.info) if dist.is_main() else (lambda msg: None)
     full = attacks_of(version)
     attacks = full if attacks is None else tuple(attacks)
     if not set(attacks) <= set(full):
         raise ValueError(f"autoattack {version!r} runs {', '.join(full)}; got {', '.join(attacks)}")
     eps, seed = float(eps), int(seed)  # plain types: they go into the JSON header
+    n = min(len(dataset), limit) if limit else len(dataset)
+    block_size = auto_block_size(n) if block_size is None else block_size
     if norm not in NORMS or not eps >= 0 or batch_size < 1 or block_size < 1:
         raise ValueError(f"autoattack needs norm in {NORMS}, eps >= 0, batch_size >= 1 and block_size >= 1 "
                          f"(got {norm!r}, {eps}, {batch_size}, {block_size})")
     if stop_after is not None and stop_after not in attacks:
         raise ValueError(f"stop_after={stop_after!r} is not one of {attacks}")
     device = torch.device(device)
-    n = min(len(dataset), limit) if limit else len(dataset)
     if n == 0:
         raise ValueError("autoattack: no points to evaluate")
     rank, world = dist.rank(), dist.world_size()
-    blocks = shard_indices(-(-n // block_size), rank, world)
+    blocks = rank_blocks(n, block_size, rank, world)
     lo, hi = min(blocks.start * block_size, n), min(blocks.stop * block_size, n)
     images = dataset.images[lo:hi].to(device)  # uint8 (4x smaller); chunks go to float as they are used
     y_all = dataset.labels[lo:hi].to(device)
@@ -185,6 +217,11 @@ def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int =
     args = {"eps": eps, "norm": norm, "n": n, "block_size": block_size, "batch_size": batch_size, "seed": seed,
             "version": version, "world_size": world, "rank": rank, "fingerprint": fingerprint}
     path = Path(state_dir) / f"rank{rank}.safetensors" if state_dir is not None else None
+    note = idle_note(n, block_size, world)
+    if note and dist.is_main():
+        log.warning(note)
+    tell(f"autoattack {version} on {n} points: {-(-n // block_size)} block(s) of {block_size} over {world} "
+         f"rank(s); {', '.join(attacks)}")
 
     result = {"n": n, "world_size": world, "eps": eps, "norm": norm, "version": version,
               "block_size": block_size, "seed": seed, "per_attack": {}, "resumed": []}
@@ -215,6 +252,7 @@ def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int =
             atk = build_attack(name, net, eps, norm, n_classes, version.split(":")[0], device)
             attacked = int(robust.sum())
             rejected = 0
+            every = Every()
             for b in range(blocks.start, blocks.stop):
                 start = b * block_size - lo
                 idx = robust[start:start + block_size].nonzero().squeeze(1) + start
@@ -228,6 +266,11 @@ def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int =
                     rejected += int((~ok).sum())
                     fooled = ok & (net(x_adv).argmax(1) != y)
                     robust[chunk[fooled]] = False
+                if dist.is_main() and every():  # rank 0's own blocks: the others' need a collective, and rank 0 has the most
+                    end = min(start + block_size, hi - lo)
+                    where = f"block {b + 1}/{blocks.stop}" if world == 1 else f"rank 0 block {b + 1}/{len(blocks)}"
+                    tell(f"autoattack {name}: {where} (points {b * block_size}-{lo + end - 1}): "
+                         f"{int(robust[:end].sum())}/{end} robust so far, {time.perf_counter() - t0:.0f} s")
             history[name] = robust.clone()
             elapsed = time.perf_counter() - t0
             counts = dist.all_reduce_sum(torch.tensor([robust.sum().item(), attacked, rejected], dtype=torch.float64))
@@ -237,8 +280,8 @@ def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int =
             if rec["rejected"]:
                 log.warning("autoattack: %s returned %d points outside the eps ball or the [0, 1] box; "
                             "counted as failed attacks", name, rec["rejected"])
-            log.info("autoattack %s: %d of %d attacked points still robust, acc %.4f (%.1f s)",
-                     name, rec["robust"], rec["attacked"], rec["acc"], rec["time_s"])
+            tell(f"autoattack {name}: {rec['robust']} of {rec['attacked']} attacked points still robust, "
+                 f"acc {rec['acc']:.4f} ({rec['time_s']:.1f} s)")
             if path is not None:
                 header = {"format": STATE_FORMAT, "args": args, "finished": list(history),
                           "per_attack": {a: {key: v for key, v in result["per_attack"][a].items() if key != "resumed"}
