@@ -93,6 +93,12 @@ class DataConfig:
         _choice("data.ffcv_format", self.ffcv_format, FORMATS)
         check(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
 
+    def known_size(self) -> Optional[int]:
+        """The side of the square images when known without reading them: a packaged dataset's own, or
+        ``image_size`` for imagefolder (None: its images' own). What a method's checks read of the data
+        (Adv-SS's grids), since methods never import the data layer."""
+        return self.image_size if self.name == "imagefolder" else DATASETS[self.name].info.size
+
 
 @dataclass
 class ModelConfig:

@@ -81,6 +81,15 @@ def test_the_bottom_floor_imports_nothing_of_the_project():
         assert not outside, f"{path.name} imports {sorted(outside)}"
 
 
+def test_methods_never_import_the_data_layer():
+    """Floors allow it (methods sit above data), but a method never reaches into the data layer: the
+    engine loads the splits a stage kind declares (``StageKind.splits``) and hands them to its ``run``;
+    config checks read the data through the ``data`` section (``DataConfig.known_size``)."""
+    found = {(_module_name(path), target) for path in sorted((PACKAGE / "methods").rglob("*.py"))
+             for target in imports_of(path) if target == "dist_robust.data" or target.startswith("dist_robust.data.")}
+    assert not found, "methods import the data layer: " + ", ".join(f"{a} -> {b}" for a, b in sorted(found))
+
+
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     """The parser itself: an import inside a function, relative at two levels, is found and resolved."""
     fake = tmp_path / "dist_robust" / "data"

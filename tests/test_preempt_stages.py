@@ -15,6 +15,7 @@ from dist_robust import evaluate as ev
 from dist_robust.checkpoint import save_checkpoint
 from dist_robust.config import load_config
 from dist_robust.data import load_dataset
+from dist_robust.engine.stages import run_stage  # hands each stage kind the splits it declared
 from dist_robust.methods.rift import core, stages as rift
 from dist_robust.models import build_model
 from dist_robust.utils.signals import StopSignals, Stopped
@@ -123,19 +124,19 @@ def test_rift_mrc_stopped_after_a_module_measures_only_the_others(tmp_path, monk
     source = _saved_model(tmp_path, "source", _cnn(0))
     mrc = ["stage.kind=rift_mrc", f"model.init_from={source}", "stage.mrc_points=64", "stage.mrc_epochs=1",
            "stage.mrc_batch_size=32", "attack.steps=2"]
-    unbroken = rift.rift_mrc(_rift_config(tmp_path, "unbroken", *mrc), torch.device("cpu"))
+    unbroken = run_stage(_rift_config(tmp_path, "unbroken", *mrc), torch.device("cpu"))
     modules = len(unbroken)
     assert modules >= 3
     cfg = _rift_config(tmp_path, "mrc", *mrc)
     calls = _sigterm_on_call(monkeypatch, core, "_module_mrc", 2)
     with pytest.raises(Stopped) as stop:
-        rift.rift_mrc(cfg, torch.device("cpu"))
+        run_stage(cfg, torch.device("cpu"))
     assert stop.value.status == 143 and f"after the MRC of 2 of {modules} modules" in str(stop.value)
     assert len(json.loads((tmp_path / "mrc" / rift.MRC_STATE).read_text())["modules"]) == 2
     assert not (tmp_path / "mrc" / "mrc.json").exists()
 
     calls["n"] = -100
-    table = rift.rift_mrc(cfg, torch.device("cpu"))
+    table = run_stage(cfg, torch.device("cpu"))
     assert calls["n"] == -100 + modules - 2  # only the modules not measured before
     assert table == unbroken and (tmp_path / "mrc" / "mrc.json").is_file()
     assert not (tmp_path / "mrc" / rift.MRC_STATE).exists()
@@ -146,17 +147,17 @@ def test_rift_interpolate_stopped_continues_from_its_alpha_and_block(tmp_path, m
     interp = ["stage.kind=rift_interpolate", f"model.init_from={tuned}", f"stage.robust_from={robust}",
               "stage.alphas=[0.0,0.5,1.0]", "data.holdout=60", "stage.select_attack=pgd-1",
               "data.eval_batch_size=20", "eval.at_end=false"]
-    unbroken = rift.rift_interpolate(_rift_config(tmp_path, "unbroken", *interp), torch.device("cpu"))
+    unbroken = run_stage(_rift_config(tmp_path, "unbroken", *interp), torch.device("cpu"))
     cfg = _rift_config(tmp_path, "interp", *interp)
     calls = _sigterm_on_call(monkeypatch, ev, "_block_counts", 5)  # 3 blocks of 20 per alpha: alpha 0.5's 2nd
     with pytest.raises(Stopped) as stop:
-        rift.rift_interpolate(cfg, torch.device("cpu"))
+        run_stage(cfg, torch.device("cpu"))
     assert "after 2 of 3 blocks of the evaluation" in str(stop.value)
     assert sorted(p.name for p in (tmp_path / "interp").glob("*.eval-state.json")) == [
         "alpha0.5.eval-state.json", "alpha0.eval-state.json"]
 
     calls["n"] = -100
-    done = rift.rift_interpolate(cfg, torch.device("cpu"))
+    done = run_stage(cfg, torch.device("cpu"))
     assert calls["n"] == -100 + 1 + 3  # alpha 0.5's last block, alpha 1's three
     assert done == unbroken and not list((tmp_path / "interp").glob("*.eval-state.json"))
 

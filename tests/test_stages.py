@@ -80,3 +80,24 @@ def test_every_shipped_recipe_loads(recipe):
         preflight(load_stages(recipe), world_size=2)
     except ConfigError as e:
         assert "no such file or folder" in str(e) or "data.root" in str(e), str(e)
+
+
+def test_the_engine_hands_a_stage_kind_the_splits_it_declares(tmp_path, tiny, monkeypatch):
+    """The stage contract (methods never import the data layer): a kind's ``splits`` keys name splits,
+    which the engine loads from the run's data section and passes to ``run(cfg, device, splits)``."""
+    import dataclasses
+    from dist_robust.data import load_split
+    from dist_robust.engine.stages import run_stage
+    from dist_robust.methods import STAGE_KINDS
+    from dist_robust.methods.base import register_stage
+    seen = {}
+    kind = STAGE_KINDS["rift_mrc"]
+    monkeypatch.setitem(STAGE_KINDS, "rift_mrc", dataclasses.replace(kind, run=lambda cfg, device, s: seen.update(s)))
+    cfg = load_config(None, [*tiny, "stage.kind=rift_mrc", "model.init_from=x", "data.holdout=60",
+                             "stage.mrc_split=val", f"run.out_dir={tmp_path}"])
+    run_stage(cfg, torch.device("cpu"))
+    val = load_split(cfg.data, "val")
+    assert kind.splits == ("mrc_split",) and list(seen) == ["val"]
+    assert torch.equal(seen["val"].images, val.images) and torch.equal(seen["val"].labels, val.labels)
+    with pytest.raises(ValueError, match="not keys of MRCConfig"):
+        register_stage("other", type(cfg.stage), splits=("no_such_key",))(lambda cfg, device, splits: None)

@@ -16,6 +16,7 @@ import torch
 
 from .. import dist
 from ..config import Config
+from ..data import load_split
 from ..methods import STAGE_KINDS
 from ..utils import atomic_write
 from .train import train
@@ -23,10 +24,20 @@ from .train import train
 log = logging.getLogger("dist_robust")
 
 
+def stage_splits(cfg: Config) -> dict:
+    """The splits a stage kind declared (``StageKind.splits``: its keys that name one), loaded from the
+    run's ``data`` section: {split: Dataset}. Methods never import the data layer; this is how a stage
+    gets its images."""
+    names = {getattr(cfg.stage, key) for key in STAGE_KINDS[cfg.stage.kind].splits}
+    return {split: load_split(cfg.data, split) for split in sorted(names)}
+
+
 def run_stage(cfg: Config, device: torch.device):
     """One stage on every rank: the engine's training loop, or the run function of the kind a method
-    registered (methods/base.py)."""
-    return train(cfg, device) if cfg.stage.kind == "train" else STAGE_KINDS[cfg.stage.kind].run(cfg, device)
+    registered (methods/base.py), handed the splits it declared."""
+    if cfg.stage.kind == "train":
+        return train(cfg, device)
+    return STAGE_KINDS[cfg.stage.kind].run(cfg, device, stage_splits(cfg))
 
 
 MARKER = "stage.json"

@@ -3,6 +3,8 @@ methods (``base.register``) and stage kinds (``base.register_stage``) itself. Ad
 a file; ``base.py`` says what the file declares.
 
 A method never touches the loader or the process group, and the engine never knows which method runs.
+Methods never import the data layer: the engine hands a stage kind the splits it declares
+(``register_stage(..., splits=...)``, passed to ``run(cfg, device, splits)``).
 """
 import importlib
 import pkgutil

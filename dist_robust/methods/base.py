@@ -6,10 +6,15 @@ A method is one file (or one package) under ``dist_robust/methods/``: a ``Method
 ``prepare`` / ``loss`` / ``export``; ``@register`` enters it. A method with stages of its own (RiFT)
 registers their kinds with ``@register_stage``. ``methods/__init__.py`` imports every module of the
 package, so adding a method edits no other file.
+
+Methods never import the data layer (``tests/test_layers.py``): a method's ``loss`` gets its batches
+from the engine's loop, its config checks read what they need of the data through the ``data`` section
+(``DataConfig.known_size``), and a stage kind declares the splits it reads (``splits``: its keys that
+name one), which the engine loads and hands to its ``run``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, ClassVar
 
 import torch
@@ -78,20 +83,27 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class StageKind:
-    run: Callable       # run(cfg, device): one stage on every rank, writing into cfg's run folder
+    run: Callable       # run(cfg, device, splits): one stage on every rank, writing into cfg's run folder
     Config: type        # its StageConfig subclass
     sources: tuple = ()  # its keys that name an earlier stage's model (``previous`` / ``stage:NAME``)
+    splits: tuple = ()   # its keys that name a split it reads (train | val | test): the engine loads each
+                         # (data.load_split of the run's ``data`` section) into ``splits``, {split: Dataset}
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
 
 
-def register_stage(kind: str, config: type, sources: tuple = ()) -> Callable:
-    """Function decorator: enter ``run(cfg, device)`` as the stage kind ``kind``."""
+def register_stage(kind: str, config: type, sources: tuple = (), splits: tuple = ()) -> Callable:
+    """Function decorator: enter ``run(cfg, device, splits)`` as the stage kind ``kind``. ``sources`` and
+    ``splits`` name keys of ``config``; ``splits[cfg.stage.<key>]`` is the loaded split (a
+    ``data.Dataset``: uint8 ``images``, ``labels``, ``info``) for each key of ``splits``."""
     def enter(run: Callable) -> Callable:
         if kind in STAGE_KINDS or kind == "train":
             raise ValueError(f"stage kind {kind!r} is registered twice")
-        STAGE_KINDS[kind] = StageKind(run, config, tuple(sources))
+        unknown = (set(sources) | set(splits)) - {f.name for f in fields(config)}
+        if unknown:
+            raise ValueError(f"stage kind {kind!r}: {sorted(unknown)} are not keys of {config.__name__}")
+        STAGE_KINDS[kind] = StageKind(run, config, tuple(sources), tuple(splits))
         return run
     return enter
 

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from ...attacks import attack_kwargs, pgd
-from ...data import DATASETS
 from ...dist import unwrap
 from ...utils import check
 from ..base import Method, MethodConfig, register
@@ -40,8 +39,7 @@ class AdvSSConfig(MethodConfig):
         check(self.selfie_grid >= 3, "method.selfie_grid", self.selfie_grid, "must be >= 3 (two targets or more)")
         check(self.selfie_layers >= 1, "method.selfie_layers", self.selfie_layers, "must be >= 1")
         check(self.selfie_heads >= 1, "method.selfie_heads", self.selfie_heads, "must be >= 1")
-        # imagefolder's size may be its images' own (data.image_size=null): not known without reading them
-        size = d.image_size if d.name == "imagefolder" else DATASETS[d.name].info.size
+        size = d.known_size()  # None for imagefolder's own size (data.image_size=null): not known unread
         for task, key, grid in (("jigsaw", "method.jigsaw_grid", self.jigsaw_grid),
                                 ("selfie", "method.selfie_grid", self.selfie_grid)):
             check(task not in self.tasks() or not size or size % grid == 0, key, grid,

@@ -29,7 +29,6 @@ from ... import dist
 from ...attacks import attack_kwargs, pgd
 from ...attacks.names import parse_attack
 from ...checkpoint import load_checkpoint, read_sidecar, resolve, save_checkpoint
-from ...data import load_split
 from ...evaluate import _seeded_starts, agreed_signal, eval_attack_opts, evaluate, evaluate_run
 from ...models import model_from_state
 from ...utils import atomic_write, check, shard_indices
@@ -98,11 +97,11 @@ def _load(cfg, path: str, device) -> tuple[torch.nn.Module, dict]:
     return model_from_state(cfg.model.name, state, **cfg.model.network_kwargs()).to(device).eval(), state
 
 
-def adversarial_set(model, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """PGD examples of the first ``stage.mrc_points`` images of ``stage.mrc_split``, the same on every
-    rank and for any world size: each rank attacks its shard with per-point seeded starts, then all
-    shards are gathered in order."""
-    data, a = load_split(cfg.data, cfg.stage.mrc_split), cfg.attack
+def adversarial_set(model, cfg, data, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGD examples of the first ``stage.mrc_points`` images of ``data`` (the split ``stage.mrc_split``),
+    the same on every rank and for any world size: each rank attacks its shard with per-point seeded
+    starts, then all shards are gathered in order."""
+    a = cfg.attack
     shard = shard_indices(min(cfg.stage.mrc_points, len(data)), dist.rank(), dist.world_size())
     x = data.images[shard.start:shard.stop].float().div(255).to(device)
     y = data.labels[shard.start:shard.stop].to(device)
@@ -143,16 +142,17 @@ def _save_and_maybe_stop(path: Path, args: dict, total: int, signals: StopSignal
     return after_round
 
 
-@register_stage("rift_mrc", MRCConfig)
-def rift_mrc(cfg, device) -> dict:
+@register_stage("rift_mrc", MRCConfig, splits=("mrc_split",))
+def rift_mrc(cfg, device, splits: dict) -> dict:
     """The MRC table; SIGTERM / SIGINT stop every rank after a round of modules, whose entries are saved
-    (mrc-state.json): the same command measures only the others."""
+    (mrc-state.json): the same command measures only the others. ``splits``: the engine's
+    {``stage.mrc_split``: its Dataset}."""
     r, folder = cfg.stage, Path(cfg.run.out_dir) / cfg.run.name
     path = folder / MRC_STATE
     args = json.loads(json.dumps({"config": cfg.to_dict(), "model": _model_hash(cfg.model.init_from)}))
     with StopSignals() as signals:  # noted until a round's end (module_robust_criticality)
         model, state = _load(cfg, cfg.model.init_from, device)
-        x_adv, y = adversarial_set(model, cfg, device)
+        x_adv, y = adversarial_set(model, cfg, splits[r.mrc_split], device)
         names = critical_modules(model)
         done = _finished_modules(path, args)
         log.info("rift_mrc: %d PGD-%d examples of %s/%s, MRC of %d modules on %d ranks%s", len(y), cfg.attack.steps,
@@ -183,12 +183,13 @@ def lowest_mrc_module(init_from: str) -> str:
 MODULE_SELECTORS["lowest_mrc"] = lowest_mrc_module
 
 
-@register_stage("rift_interpolate", InterpolateConfig, sources=("robust_from",))
-def rift_interpolate(cfg, device) -> dict:
+@register_stage("rift_interpolate", InterpolateConfig, sources=("robust_from",), splits=("select_split",))
+def rift_interpolate(cfg, device, splits: dict) -> dict:
+    """The alpha curve on ``splits[stage.select_split]`` (the engine loads it), the chosen model, its results."""
     r, e, folder = cfg.stage, cfg.eval, Path(cfg.run.out_dir) / cfg.run.name
     model, tuned = _load(cfg, cfg.model.init_from, device)
     robust, _ = load_checkpoint(r.robust_from)
-    val = load_split(cfg.data, r.select_split)
+    val = splits[r.select_split]
     eps, norm = cfg.attack.eps if e.eps is None else e.eps, cfg.attack.norm if e.norm is None else e.norm
     pair = f"{_model_hash(r.robust_from)}+{_model_hash(cfg.model.init_from)}"
     states = [folder / f"alpha{alpha:g}.eval-state.json" for alpha in sorted(r.alphas)]
