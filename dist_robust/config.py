@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -22,7 +25,6 @@ from typing import Any, List, Optional
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-from omegaconf.nodes import FloatNode
 
 from .attacks.fused import COMPILE_MODES
 from .attacks.names import parse_attack
@@ -341,10 +343,15 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _one_line(err: OmegaConfBaseException) -> str:
-    """OmegaConf's messages span several lines with a 'full_key:' trailer; keep key, value and cause."""
+def _one_line(err: OmegaConfBaseException, schema=None) -> str:
+    """OmegaConf's messages span several lines with a 'full_key:' trailer; keep key, value and cause. A
+    list key given something else gets a line of ours (OmegaConf's names its own classes and changed in
+    2.4)."""
     key = getattr(err, "full_key", None)
     value = getattr(err, "value", None)
+    if (key and value is not None and schema is not None and typing.get_origin(_declared(schema, key)) is list
+            and not isinstance(value, (list, tuple)) and not OmegaConf.is_list(value)):
+        return f"{key}={value!r}: must be a list, written [a, b] (one item: [a])"
     cause = str(err).splitlines()[0].strip() if str(err) else type(err).__name__
     if key and value is not None:
         return f"{key}={value!r}: {cause}"
@@ -395,8 +402,9 @@ def _selected(layers: List[dict], overrides: List[tuple[str, Any]], section: str
 
 
 def _schema(method: Any, kind: Any):
-    check(method in METHODS, "method.name", method, f"unknown method (known: {', '.join(sorted(METHODS))})")
-    check(kind == "train" or kind in STAGE_KINDS, "stage.kind", kind,
+    check(isinstance(method, str) and method in METHODS, "method.name", method,
+          f"unknown method (known: {', '.join(sorted(METHODS))})")
+    check(kind == "train" or (isinstance(kind, str) and kind in STAGE_KINDS), "stage.kind", kind,
           f"unknown stage kind (known: {', '.join(['train', *STAGE_KINDS])})")
     schema = OmegaConf.structured(Config)
     schema.method = OmegaConf.structured(METHODS[method].Config(name=method))
@@ -446,21 +454,42 @@ def _with_fractions(schema, layer: Any, prefix: str = "") -> Any:
     return out
 
 
-def _is_float(schema, path: str) -> bool:
+def _declared(schema, path: str) -> Any:
+    """The type the schema declares for ``path`` (``Optional[T]`` read as ``T``), None for a path that is no
+    field: the field's annotation in its section's dataclass, read with dataclasses and typing (OmegaConf's
+    public API finds the section), so nothing depends on OmegaConf's node classes."""
     section, _, key = path.rpartition(".")
     try:
-        parent = OmegaConf.select(schema, section) if section else schema
-        node = parent._get_node(key) if parent is not None else None
-    except (AttributeError, KeyError, OmegaConfBaseException):
-        return False
-    return isinstance(node, FloatNode)
+        parent = OmegaConf.select(schema, section, default=None) if section else schema
+    except OmegaConfBaseException:  # not a key path at all ('a..b', 'a[')
+        return None
+    return _field_types(OmegaConf.get_type(parent)).get(key) if OmegaConf.is_dict(parent) else None
 
 
-def _all_keys(schema, prefix: str = "") -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: Any) -> dict[str, Any]:
+    """field name -> annotation (``Optional[T]`` as ``T``) of a dataclass; empty for anything else."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return {}
+    hints, out = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        hint = hints.get(f.name)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = args[0] if len(args) == 1 else hint
+        out[f.name] = hint
+    return out
+
+
+def _is_float(schema, path: str) -> bool:
+    return _declared(schema, path) is float
+
+
+def _all_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every leaf key of a plain nested dict (the schema as OmegaConf.to_container gives it)."""
     keys = []
-    for key in schema:
-        value = schema._get_node(key)
-        keys += _all_keys(value, f"{prefix}{key}.") if OmegaConf.is_dict(value) else [f"{prefix}{key}"]
+    for key, value in tree.items():
+        keys += _all_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
     return keys
 
 
@@ -478,7 +507,7 @@ SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "nu
 def _did_you_mean(key: str, schema) -> str:
     """' (did you mean optim.lr?)': a key of the same name (or a synonym's) in another section, else the
     closest spelling."""
-    keys = _all_keys(schema)
+    keys = _all_keys(OmegaConf.to_container(schema, resolve=False))
     section, _, leaf = key.rpartition(".")
     leaf = SYNONYMS.get(leaf, leaf)
     same_leaf = [k for k in keys if leaf in (k, k.rpartition(".")[2])]
@@ -505,7 +534,7 @@ def _merge(layers: List[dict], overrides: List[str]) -> Config:
         key = f"{key}.{next(iter(moved[0]))}" if moved else key  # name the first moved key
         raise ConfigError(f"{key}: {_unknown_key(key, method, kind, schema)}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_one_line(e, schema)) from None
     for key, value in parsed:
         if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
             raise ConfigError(f"{key}={value!r}: {_unknown_key(key, method, kind, schema)}")
@@ -514,11 +543,11 @@ def _merge(layers: List[dict], overrides: List[str]) -> Config:
         try:
             OmegaConf.update(merged, key, value, merge=False)
         except OmegaConfBaseException as e:
-            raise ConfigError(_one_line(e)) from None
+            raise ConfigError(_one_line(e, schema)) from None
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_one_line(e, schema)) from None
 
 
 def load_config(path: str | None = None, overrides: List[str] = (), training: bool = True) -> Config:
@@ -661,7 +690,7 @@ def from_dict(d: dict) -> Config:
     try:
         return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.create(d)))
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_one_line(e, schema)) from None
 
 
 # Keys a run may change when it resumes from its checkpoints: they decide how the run is executed, checked,

@@ -4,7 +4,8 @@
 # (that machine has no package registry; its own torch, torchvision, numpy, scikit-learn, safetensors, timm,
 # tensorboard, matplotlib, tqdm, pyyaml, psutil, einops, msgpack, ninja and py-cpuinfo are used as they are).
 #
-#   omegaconf, antlr4-python3-runtime   config (antlr4 4.9.x is an sdist: built into a pure wheel here)
+#   omegaconf                           config; with antlr4-python3-runtime where the venv's omegaconf requires
+#                                       it (before 2.4; 2.4 vendors it): 4.9.x is an sdist, built into a pure wheel here
 #   pyautoattack                        fra31's AutoAttack, repacked without examples/ (44 MB of example weights)
 #   deepspeed + hjson, pydantic, pydantic-core (cp312), annotated-types, typing-inspection, typing-extensions
 #                                       deepspeed is an sdist: built here with DS_BUILD_OPS=0 into a pure wheel
@@ -43,10 +44,14 @@ for p in "${WHEELS[@]}"; do download "$p==$(version "$p")"; done
 
 # sdists, built here into pure-python wheels: against the venv's torch and setuptools (no isolation), never
 # from pip's cache (make install cached a cp311 deepspeed wheel with its compiled CPU op)
-DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$TMP" \
-  "antlr4-python3-runtime==$(version antlr4-python3-runtime)" "deepspeed==$(version deepspeed)" \
+SDISTS=("deepspeed==$(version deepspeed)")
+if "$PY" -c "import importlib.metadata as m, sys; sys.exit(not any(r.startswith('antlr4') for r in m.requires('omegaconf') or []))"; then
+  SDISTS+=("antlr4-python3-runtime==$(version antlr4-python3-runtime)")  # omegaconf < 2.4 (2.4 vendors antlr4)
+fi
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$TMP" "${SDISTS[@]}" \
   2> >(grep -v "is ignored: it is neither" >&2)
 for w in "$TMP"/deepspeed-*.whl "$TMP"/antlr4_python3_runtime-*.whl; do
+  [ -e "$w" ] || continue  # no antlr4 wheel where omegaconf vendors it
   case "$w" in *-py3-none-any.whl) ;; *) echo "gpu-bundle: $w is not a pure-python wheel" >&2; exit 1 ;; esac
 done
 

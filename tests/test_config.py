@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dist_robust.cli import main
-from dist_robust.config import ConfigError, load_config
+from dist_robust.config import ConfigError, _merge, load_config
 
 RECIPE = "configs/quickstart.yaml"
 
@@ -132,3 +133,56 @@ def test_radii_are_read_as_fractions_wherever_a_float_is_expected(tmp_path):
 def test_an_unknown_key_names_the_nearest_valid_one(key, suggestion):
     with pytest.raises(ConfigError, match=rf"unknown key \(did you mean {suggestion}\?\)"):
         load_config(None, [f"{key}=1"])
+
+
+@pytest.mark.parametrize("override,line", [
+    # OmegaConf's own cause, kept as docs/troubleshooting.md shows it (the same on omegaconf 2.3 and 2.4)
+    ("train.epochs=many", "train.epochs='many': Value 'many' of type 'str' could not be converted to Integer"),
+    # ours: OmegaConf 2.3 says "str is not a ListConfig, list or tuple.", 2.4 "..., TupleConfig, list, or tuple."
+    ("eval.attacks=pgd-10", "eval.attacks='pgd-10': must be a list, written [a, b] (one item: [a])"),
+    ("optim.milestones=5", "optim.milestones=5: must be a list, written [a, b] (one item: [a])"),
+    ("method.name=[1]", "method.name=[1]: unknown method (known: "),  # a list chooses no plug-in (was a TypeError)
+    ("stage.kind={a: 1}", "stage.kind={'a': 1}: unknown stage kind (known: train, rift_mrc, rift_interpolate)"),
+])
+def test_wrong_types_read_the_same_on_every_omegaconf(override, line):
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPE, [override])
+    assert str(e.value).startswith(line), str(e.value)
+    (section, key), value = override.split("=", 1)[0].split("."), yaml.safe_load(override.split("=", 1)[1])
+    if section not in ("method", "stage"):  # the recipe's path (OmegaConf.merge, not update) says the same
+        with pytest.raises(ConfigError) as e:
+            _merge([{section: {key: value}}], [])
+        assert str(e.value).startswith(line), str(e.value)
+
+
+def private_omegaconf_uses(path: Path) -> list[str]:
+    """'line: what' for each import of an omegaconf module other than omegaconf and omegaconf.errors (nodes,
+    base, _utils, ...), of a private name, and each private member of OmegaConf's config objects touched
+    (_get_node, _metadata, ...; any receiver but self and cls)."""
+    import ast
+
+    from omegaconf import DictConfig, ListConfig, Node, OmegaConf
+    private = {n for c in (DictConfig, ListConfig, Node, OmegaConf) for n in dir(c)
+               if n.startswith("_") and not n.startswith("__")}
+    private |= {"_metadata", "_content", "_parent", "_flags_cache", "_get_node"}  # instance attributes too
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "omegaconf":
+            if node.module not in ("omegaconf", "omegaconf.errors") or any(a.name.startswith("_") for a in node.names):
+                found.append(f"{node.lineno}: from {node.module} import {', '.join(a.name for a in node.names)}")
+        elif isinstance(node, ast.Import):
+            found += [f"{node.lineno}: import {a.name}" for a in node.names
+                      if a.name.startswith("omegaconf.") and a.name != "omegaconf.errors"]
+        elif (isinstance(node, ast.Attribute) and node.attr in private
+              and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            found.append(f"{node.lineno}: .{node.attr}")
+    return found
+
+
+def test_only_omegaconfs_public_api_is_used():
+    """The package, its scripts, bench and tests use OmegaConf's public API only: a private one may change in
+    any release (issue 27). A key's declared type comes from the dataclasses (config._declared)."""
+    root = Path(__file__).resolve().parents[1]
+    found = [f"{path.relative_to(root)}:{use}" for folder in ("dist_robust", "scripts", "bench", "tests")
+             for path in sorted((root / folder).rglob("*.py")) for use in private_omegaconf_uses(path)]
+    assert not found, f"private OmegaConf API: {found}"
