@@ -90,7 +90,7 @@ STAGES = {  # letter -> name (the table's row)
     "f": "throughput", "g": "cpu_vs_gpu",
 }
 # collectives the gloo probe tries on the run's device tensors (the engine itself uses all_reduce, the
-# functional (autograd-aware) all_reduce of models/sync_bn.py, broadcast, all_gather_object and barrier)
+# autograd-aware all_reduce of models/sync_bn.py, broadcast, all_gather_object and barrier)
 COLLECTIVES = ("all_reduce", "functional_all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
                "reduce_scatter_tensor", "reduce", "gather", "scatter", "all_to_all_single", "send_recv",
                "all_gather_object", "barrier")
@@ -399,7 +399,7 @@ def worker_gloo_probe(device: str, out: Path) -> None:
     import torch
     import torch.distributed as dist
     from datetime import timedelta
-    from torch.distributed import _functional_collectives as fc
+    from dist_robust.models.sync_bn import all_reduce as bn_all_reduce
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) \
         if device == "cuda" else torch.device("cpu")
@@ -422,6 +422,12 @@ def worker_gloo_probe(device: str, out: Path) -> None:
             return t(7)
         return in_place(dist.recv, t(0), src=0)
 
+    def bn_summed():  # the synchronised BN's all_reduce, forward and backward (the gradients summed too)
+        x = t(rank + 1).requires_grad_(True)
+        y = bn_all_reduce(x)
+        y.backward(t(1))
+        return y.detach() if torch.equal(x.grad.cpu(), t(world).cpu()) else t(-1)
+
     def objects():
         got = [None] * world
         dist.all_gather_object(got, {"rank": rank})
@@ -429,7 +435,7 @@ def worker_gloo_probe(device: str, out: Path) -> None:
 
     probes = {  # name -> (the collective, on this rank; what it must give)
         "all_reduce": (lambda: in_place(dist.all_reduce, t(rank + 1)), t(total)),
-        "functional_all_reduce": (lambda: fc.all_reduce(t(rank + 1), "sum", dist.group.WORLD).wait(), t(total)),
+        "functional_all_reduce": (bn_summed, t(total)),
         "broadcast": (lambda: in_place(dist.broadcast, t(rank + 5), src=0), t(5)),
         "all_gather": (lambda: gathered(dist.all_gather), every),
         "all_gather_into_tensor": (lambda: in_place(dist.all_gather_into_tensor, t(0, 4 * world), t(rank)),

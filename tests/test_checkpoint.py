@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_robust.cli import main
-from dist_robust.checkpoint import CheckpointError, last_good, load_checkpoint, save_checkpoint
+from dist_robust.checkpoint import CheckpointError, last_good, load_checkpoint, model_header, save_checkpoint
 from dist_robust.models import build_model
 
 
@@ -59,6 +59,21 @@ def test_missing_truncated_and_corrupted(tmp_path):
     (tmp_path / "epoch_0001.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path / "epoch_0001.json")
+
+
+def test_model_header_reads_shapes_and_refuses_a_bad_file_in_one_line(tmp_path):
+    """The model file's tensor shapes from its safetensors header (safetensors' own parser, no tensor
+    read); a file that is not safetensors, or lacks part of its tensors, is refused in one line."""
+    model, opt = _model_and_opt()
+    sidecar = save_checkpoint(tmp_path, "epoch_0001", model.state_dict(), {"epoch": 1, "step": 1}, opt.state_dict())
+    assert model_header(sidecar) == {k: list(v.shape) for k, v in model.state_dict().items()}
+    f = tmp_path / "epoch_0001.safetensors"
+    data = f.read_bytes()
+    for bad in (b"not a safetensors file at all", data[:-4], b""):
+        f.write_bytes(bad)
+        with pytest.raises(CheckpointError, match="unreadable") as e:
+            model_header(sidecar)
+        assert str(f) in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
 def test_eval_of_a_bad_checkpoint_is_one_clear_line(tmp_path, capsys):

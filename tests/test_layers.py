@@ -97,3 +97,59 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     (fake / "x.py").write_text("def f():\n    from ..engine.train import train\n    from . import memory\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path / "dist_robust")
     assert imports_of(fake / "x.py") == {"dist_robust.engine.train", "dist_robust.data.memory"}
+
+
+# Private internals of dependencies that the package once used and replaced by their public APIs (issues 26
+# and 27): DeepSpeed's ZeRO partitions (now safe_get/set_full_optimizer_state), torch's functional
+# collectives (now torch.distributed.all_reduce in an autograd function), a hand-parsed safetensors header
+# (now safe_open). None may come back; no file is exempt.
+PRIVATE_NAMES = ("single_partition_of_fp32_groups", "_lazy_init_hp_params_optimizer_state", "_hp_mapping",
+                 "_functional_collectives", "_c10d_functional")
+
+
+def private_uses(package: Path = PACKAGE) -> list[str]:
+    """'file: what' for each private name above in the package's source, and each import of a dependency's
+    private module (a dotted component starting with '_', like ``torch.distributed._functional_collectives``)."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        text, where = path.read_text(), path.relative_to(package.parent)
+        found += [f"{where}: {name}" for name in PRIVATE_NAMES if name in text]
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            found += [f"{where}: import {m}" for m in modules if m.split(".")[0] != "dist_robust"
+                      and m != "__future__" and any(part.startswith("_") for part in m.split(".")[1:])]
+    return found
+
+
+# Private imports found when the check was written, each named: numpy's pickled arrays name numpy._core's
+# functions, which the restricted unpickler must therefore allow; CARTL recognises torch's spectral-norm
+# parametrisation by its class. Anything else fails.
+KNOWN_PRIVATE = {
+    "dist_robust/data/sources.py: import numpy._core",
+    "dist_robust/data/sources.py: import numpy._core.multiarray",
+    "dist_robust/data/sources.py: import numpy._core.numeric",
+    "dist_robust/methods/cartl.py: import torch.nn.utils.parametrizations._SpectralNorm",
+}
+
+
+def test_no_private_api_of_a_dependency():
+    found = [f for f in private_uses() if f not in KNOWN_PRIVATE]
+    assert not found, "private internals of dependencies: " + ", ".join(found)
+
+
+def test_the_private_api_check_sees_what_it_must(tmp_path):
+    fake = tmp_path / "dist_robust"
+    fake.mkdir()
+    (fake / "a.py").write_text("def f():\n    from torch.distributed._functional_collectives import all_reduce\n"
+                               "    from torch.distributed import _functional_collectives\n")
+    (fake / "b.py").write_text("def g(zero):\n    return zero.single_partition_of_fp32_groups\n")
+    (fake / "c.py").write_text("from __future__ import annotations\nfrom .x import _y\nimport torch.nn.functional\n")
+    found = private_uses(fake)
+    assert "dist_robust/a.py: import torch.distributed._functional_collectives.all_reduce" in found
+    assert "dist_robust/b.py: single_partition_of_fp32_groups" in found
+    assert not [f for f in found if f.startswith("dist_robust/c.py")]

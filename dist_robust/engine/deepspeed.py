@@ -11,10 +11,11 @@ optimizer step, and the optimizer's state in the project's checkpoint format. He
 - DDP copies rank 0's buffers (BN running statistics) to every rank at each training forward
   (broadcast_buffers); DeepSpeed does not. A forward pre-hook does the same here, so the attacks,
   which read the running statistics, see what they see under DDP and both engines train alike.
-- Checkpoints stay plain safetensors + sidecar: ZeRO 1/2 keep SGD's momentum as flat slices of a
-  per-rank partition; ``ZeroSGDState`` assembles one full buffer per parameter (a collective) and
-  writes them back, in torch SGD's state_dict layout. A checkpoint written under either engine
-  resumes under the other, at any stage.
+- Checkpoints stay plain safetensors + sidecar: ZeRO 1/2 keep the optimizer's state (SGD's momentum)
+  as flat slices of a per-rank partition; ``ZeroOptimizerState`` assembles one full tensor per parameter
+  and state key through DeepSpeed's public ``safe_get_full_optimizer_state`` (a collective) and writes
+  them back with ``safe_set_full_optimizer_state``, in torch's state_dict layout, for any torch
+  optimizer. A checkpoint written under either engine resumes under the other, at any stage.
 
 ZeRO-3 partitions the parameters themselves and is refused by config validation: tried, a PGD-AT epoch
 trained with DDP's loss (the attack's forwards on the unwrapped module gather the weights through
@@ -60,41 +61,109 @@ def _broadcast_buffers_hook(module, args):
             torch.distributed.broadcast(buf, src=0)
 
 
-class ZeroSGDState:
-    """torch.optim.SGD's ``param_groups`` / ``state_dict`` / ``load_state_dict`` over ZeRO 1/2's
-    partitioned momentum. ``state_dict`` is a collective (every rank holds a slice)."""
+class ZeroOptimizerState:
+    """A torch optimizer's ``param_groups`` / ``state_dict`` / ``load_state_dict`` over ZeRO 1/2's
+    partitioned state, for any torch optimizer, through DeepSpeed's public full-state API
+    (``safe_get_full_optimizer_state`` / ``safe_set_full_optimizer_state``). ``state_dict`` is a
+    collective (each rank holds a slice of every state tensor), ``load_state_dict`` is not.
 
-    def __init__(self, zero_optimizer, params: list):
-        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
-        self._get, self._set = safe_get_full_optimizer_state, safe_set_full_optimizer_state
-        self.zero, self.params = zero_optimizer, params
-        # SGD creates momentum at its first step, and DeepSpeed links each parameter to its slice only
-        # then; a zero buffer now gives the same first step (buf = grad) and lets a resume restore it.
-        for flat in zero_optimizer.single_partition_of_fp32_groups:
-            zero_optimizer.optimizer.state[flat].setdefault("momentum_buffer", torch.zeros_like(flat))
-        zero_optimizer._lazy_init_hp_params_optimizer_state()
+    ZeRO gives the client optimizer one flat fp32 partition per parameter group, so that optimizer's
+    state holds two kinds of entries: tensors shaped like the partition (SGD's ``momentum_buffer``,
+    Adam's ``exp_avg`` / ``exp_avg_sq``), which the public API assembles and scatters per parameter; and
+    the rest (Adam's ``step``), one per group, which ``state_dict`` gives every parameter of the group (a
+    torch optimizer that steps them all together holds the same) and ``load_state_dict`` takes only when
+    the group's parameters agree on it.
+    """
+
+    def __init__(self, zero_optimizer, groups: list[list[torch.nn.Parameter]]):
+        self.zero = zero_optimizer
+        self.groups = [[p for p in g if p.requires_grad] for g in groups]  # ZeRO's rule for a partition
+        # the inner (torch) optimizer's parameters are the flat partitions, one per group, in order
+        self.flats = [(g, flat) for g in zero_optimizer.optimizer.param_groups for flat in g["params"]]
+        if len(self.flats) != len(self.groups):
+            raise RuntimeError(f"DeepSpeed's optimizer holds {len(self.flats)} partitions for "
+                               f"{len(self.groups)} parameter groups")
 
     @property
     def param_groups(self):
         return self.zero.param_groups
 
+    def _link(self, flat, params) -> None:
+        """Point each parameter's fragment at the partition's current state (DeepSpeed's exported
+        ``lazy_init_hp_params_optimizer_state``). DeepSpeed links them itself after its first step only;
+        before it, a restored state would have no fragments to be written through."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+        lazy_init_hp_params_optimizer_state(params, flat, self.zero.optimizer.state)
+
     def state_dict(self) -> dict:
-        state = {i: {"momentum_buffer": self._get(p, "momentum_buffer").view_as(p).clone()}
-                 for i, p in enumerate(self.params)}
-        (group,) = self.zero.optimizer.param_groups
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        return {"state": state, "param_groups": [dict(hyper, params=list(range(len(self.params))))]}
+        from deepspeed.utils import safe_get_full_optimizer_state
+        state, groups, first = {}, [], 0
+        for (group, flat), params in zip(self.flats, self.groups):
+            flat_state = self.zero.optimizer.state.get(flat, {})  # empty before the first step, as torch's
+            if flat_state:
+                self._link(flat, params)
+            for i, p in enumerate(params, first):
+                for key in sorted(flat_state):  # one order on every rank (a restored state's follows its file's)
+                    value = flat_state[key]
+                    if torch.is_tensor(value) and value.shape == flat.shape:  # partitioned: assembled
+                        state.setdefault(i, {})[key] = safe_get_full_optimizer_state(p, key).view_as(p)
+                    else:  # one per group
+                        state.setdefault(i, {})[key] = value.clone() if torch.is_tensor(value) else value
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            groups.append(dict(hyper, params=list(range(first, first + len(params)))))
+            first += len(params)
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd: dict) -> None:
-        (saved,) = sd["param_groups"]
-        if len(saved["params"]) != len(self.params):
-            raise ValueError(f"the checkpoint's optimizer has {len(saved['params'])} parameters, this run "
-                             f"trains {len(self.params)}")
-        for i, p in enumerate(self.params):
-            buf = sd["state"].get(i, {}).get("momentum_buffer")
-            self._set(p, torch.zeros_like(p) if buf is None else buf.to(p.device, p.dtype), "momentum_buffer")
-        for group in self.zero.optimizer.param_groups:
+        """Replace the state by ``sd`` (torch's layout, one entry per parameter, from either engine), also
+        in an engine that has not stepped yet. A parameter without a partitioned entry that others of its
+        group have (no gradient yet when it was saved) gets zeros."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+        saved_groups = sd["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g) for g in self.groups]:
+            raise ValueError(f"the checkpoint's optimizer has {sum(len(g['params']) for g in saved_groups)} "
+                             f"parameters, this run trains {sum(len(g) for g in self.groups)}")
+        for saved, (group, flat), params in zip(saved_groups, self.flats, self.groups):
+            per_param = [sd["state"].get(i, {}) for i in saved["params"]]
+            keys = list(dict.fromkeys(k for s in per_param for k in s))
+            partitioned = [k for k in keys if all(torch.is_tensor(s[k]) and s[k].dim() > 0 and s[k].shape == p.shape
+                                                  for s, p in zip(per_param, params) if k in s)]
+            flat_state = {}
+            for key in keys:
+                if key in partitioned:
+                    flat_state[key] = torch.zeros_like(flat)  # filled below, through the fragments
+                    continue
+                values = [s[key] for s in per_param if key in s]
+                if any(not _same(values[0], v) for v in values[1:]):
+                    raise ValueError(f"the checkpoint's optimizer state {key!r} differs between the parameters "
+                                     "of one group; ZeRO keeps one per group")
+                flat_state[key] = _placed(key, values[0], flat, group)
+            self.zero.optimizer.state[flat] = flat_state
+            if flat_state:
+                self._link(flat, params)
+            for p, s in zip(params, per_param):
+                for key in partitioned:
+                    value = s.get(key)
+                    safe_set_full_optimizer_state(p, torch.zeros_like(p) if value is None else value, key)
             group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+def _placed(key: str, value, flat: torch.Tensor, group: dict):
+    """A per-group state value where torch's ``Optimizer.load_state_dict`` would put it: ``step`` stays
+    as saved unless the optimizer is capturable or fused (then float32 on the parameters' device); other
+    tensors take the parameters' dtype and device."""
+    if not torch.is_tensor(value):
+        return value
+    if key == "step":
+        return value.to(torch.float32, flat.device).clone() if group.get("capturable") or group.get("fused") \
+            else value.clone()
+    return value.to(flat.dtype if value.is_floating_point() else value.dtype, flat.device).clone()
 
 
 class DeepSpeedTrainer:
@@ -107,12 +176,12 @@ class DeepSpeedTrainer:
         import deepspeed
         dist.init_alone(next(model.parameters()).device)  # one process: ours, not DeepSpeed's own group
         os.environ.setdefault("LOCAL_RANK", str(dist.read_env().local_rank))  # DeepSpeed asserts it (a bare srun)
-        params = [p for group in opt.param_groups for p in group["params"]]
+        groups = [list(group["params"]) for group in opt.param_groups]  # ZeRO replaces them by its partitions
         self.model, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                                         config=ds_config(cfg, per_rank_batch))
         if dist.world_size() > 1:
             self.model.register_forward_pre_hook(_broadcast_buffers_hook)
-        self.optimizer = opt if cfg.dist.zero_stage == 0 else ZeroSGDState(ds_opt, params)
+        self.optimizer = opt if cfg.dist.zero_stage == 0 else ZeroOptimizerState(ds_opt, groups)
         self.scaler = None  # fp16 is refused with DeepSpeed (config.py): its loss scale is not checkpointed
 
     def step(self, loss: torch.Tensor) -> None:

@@ -2,11 +2,12 @@
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so this layer does the synchronisation itself: in
 training mode each rank computes per-channel [sum, sum of squares, count] of its local batch and one
-autograd-aware ``all_reduce`` (torch's functional collective, whose backward all-reduces the incoming
-gradient as ``torch.distributed.nn.functional``'s deprecated one did) turns them into global sums, so the
-backward pass carries the cross-rank terms of the batch-statistics gradient exactly. The sums are
-taken around the running mean (a constant shared by all ranks) to keep ``E[x^2] - E[x]^2`` from
-cancelling. Running statistics take the unbiased global variance, as single-process BN does.
+autograd-aware ``all_reduce`` (``torch.distributed.all_reduce`` in an autograd function whose backward
+all-reduces the incoming gradient, as ``torch.distributed.nn.functional``'s deprecated one did) turns them
+into global sums, so the backward pass carries the cross-rank terms of the batch-statistics gradient
+exactly. The sums are taken around the running mean (a constant shared by all ranks) to keep
+``E[x^2] - E[x]^2`` from cancelling. Running statistics take the unbiased global variance, as
+single-process BN does.
 
 Every rank calls the collective once per forward in training mode, whatever its local batch (an
 empty one contributes zeros), so the collectives line up by construction. Outside training, or
@@ -17,7 +18,26 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_reduce
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group; the gradient of every rank's input is the sum of the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, dist.ReduceOp.SUM, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The autograd-aware sum of ``tensor`` over ``group`` (default: every rank), a new tensor."""
+    return _AllReduceSum.apply(tensor, group if group is not None else dist.group.WORLD)
 
 
 def _distributed() -> bool:
@@ -38,7 +58,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         xs = (x - shift).float()  # statistics in fp32 even under autocast
         count = x.new_full((1,), x.numel() // c if x.numel() else 0, dtype=torch.float32)
         local = torch.cat([xs.sum((0, 2, 3)), (xs * xs).sum((0, 2, 3)), count])
-        total = all_reduce(local, "sum", dist.group.WORLD)  # its backward all-reduces the gradients
+        total = all_reduce(local)  # its backward all-reduces the gradients
         n = total[-1]
         if x.device.type == "cpu" and n.item() < 2:  # (on CUDA this check would cost a sync per layer)
             raise ValueError("SyncBatchNorm2d needs more than one value per channel across all ranks")
