@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 
 from . import dist
-from .attacks.names import parse_attack
 from .attacks.pgd import NORMS
+from .attacks.registry import parse_attack
 from .utils import PRECISIONS
 
 
@@ -62,7 +62,8 @@ def evaluate_model(model: torch.nn.Module, dataset="mnist", attacks: Sequence[st
                    aa_block_size: int | None = None, progress: bool = True) -> dict:
     """Clean and robust accuracy of ``model`` (images in [0, 1] -> logits) on ``dataset``: a registered
     name ("mnist", "cifar10" with ``root``, ...) or an (images, labels) pair of tensors. ``attacks``:
-    clean, pgd-K, cw-K, aa (standard AutoAttack), aa-plus, aa-rand; ``eps`` a float or "8/255".
+    clean, pgd-K, cw-K, fgsm, aa (standard AutoAttack), aa-plus, aa-rand, or any attack registered in
+    dist_robust/attacks (docs/evaluation.md); ``eps`` a float or "8/255".
     Returns {"n", "world_size", "clean": {"correct", "acc"}, "attacks": {name: {"correct", "acc", ...}}}
     with the totals over all ranks. The model's mode and gradients are left as they were. ``aa_block_size``:
     AutoAttack's points per block (None: n / 8, at most 500, whatever the number of ranks). ``progress``:

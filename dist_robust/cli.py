@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import orphan  # first of the project: it records the launcher's pid before torch's import
 from . import dist, lock
+from .attacks.registry import known as known_attacks
 from .config import ConfigError, from_dict, load_stages, parse_fraction, validate
 from .preflight import check_run, check_same_view, preflight, run_folder_view
 from .utils import unwritable
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="val: the training images the run held out (data.holdout)")
     e.add_argument("--limit", "--n-ex", type=int, default=None, help="evaluate the first N points")
-    e.add_argument("--attacks", default="clean,pgd-20", help="comma-separated: clean, pgd-K, cw-K, aa (standard AutoAttack), aa-plus, aa-rand")
+    e.add_argument("--attacks", default="clean,pgd-20", help=f"comma-separated: {known_attacks()}")
     e.add_argument("--eps", default=None, help="radius, 8/255 or 0.0314; a list (0.05,0.1,0.2) evaluates each, "
                    "into one results file (default: the checkpoint's attack.eps; required with --model)")
     e.add_argument("--norm", default=None, choices=["Linf", "L2"], help="default: the checkpoint's attack.norm")

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .attacks.fused import COMPILE_MODES
-from .attacks.names import parse_attack
 from .attacks.pgd import LOSSES, NORMS
+from .attacks.registry import parse_attack
 from .data import DATASETS
 from .data.ffcv import FORMATS
 from .data.select import LOADERS
@@ -288,8 +288,8 @@ class EvalConfig:
                     parse_attack(name)
                 except ValueError as e:
                     raise ConfigError(f"{key}={name!r}: {e}") from None
-        check(self.select_attack == "clean" or parse_attack(self.select_attack)["kind"] == "pgd",
-              "eval.select_attack", self.select_attack, "must be clean, pgd-K or cw-K (chosen every eval.every epochs)")
+        check(parse_attack(self.select_attack).shape in ("clean", "batch"), "eval.select_attack", self.select_attack,
+              "must be clean or a batch attack: pgd-K, cw-K, fgsm (chosen every eval.every epochs)")
 
 
 @dataclass

@@ -1,15 +1,16 @@
-"""Exact sharded evaluation: clean accuracy and any mix of PGD, CW and AutoAttack, summed over ranks.
+"""Exact sharded evaluation: clean accuracy and any mix of the registered attacks (attacks/registry.py:
+PGD, CW, FGSM, AutoAttack, and any file added there), summed over ranks.
 
 The first n points are cut into blocks of consecutive indices and every rank evaluates its own contiguous
 run of blocks (no padding, no duplicates); the per-attack counts are summed with one all_reduce per round
-of blocks, and ``n`` is the exact number of points whatever the world size. PGD and CW random starts are
-drawn per point from (seed, restart, global index), so the counts do not depend on how the points are
-split over ranks. A point counts as robust only if it is classified correctly clean and under every
-restart of the attack (the per-sample worst case, as AutoAttack reports it), so robust accuracy never
-exceeds clean accuracy. ``evaluate_run`` saves the finished blocks' counts beside the results file after
-each round: a SIGTERM stops every rank at one round, and the same command continues on any world size.
-AutoAttack (``aa``, ``aa-plus``, ``aa-rand``: fra31's standard, plus and rand versions) runs its own
-cascade (attacks/autoattack.py), sharded in fixed blocks and resumable per attack.
+of blocks, and ``n`` is the exact number of points whatever the world size. This is how the batch
+attacks run (PGD, CW, FGSM): their random starts are drawn per point from (seed, restart, global index),
+so the counts do not depend on how the points are split over ranks. A point counts as robust only if it
+is classified correctly clean and under every restart of the attack (the per-sample worst case, as
+AutoAttack reports it), so robust accuracy never exceeds clean accuracy. ``evaluate_run`` saves the
+finished blocks' counts beside the results file after each round: a SIGTERM stops every rank at one
+round, and the same command continues on any world size. The whole-split attacks (AutoAttack's
+versions, attacks/autoattack.py) run their own blocks and resumable state.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 
 from . import dist
-from .attacks import pgd, random_start
-from .attacks.names import parse_attack
+from .attacks import random_start
+from .attacks.registry import parse_attack
 from .checkpoint import read_sidecar, resolve
 from .data import load_split
 from .data.memory import _to_float
@@ -126,8 +127,8 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
              state: Path | None = None, state_key: dict | None = None) -> dict:
     """Evaluate the unwrapped ``model`` on this rank's blocks; returns the summed results dict.
     attack_opts: extra pgd() keywords (compile, precision, channels_last). ``loader``: an FFCVEvalLoader
-    of the split (then ``dataset`` may be None, unless AutoAttack runs: it reads the in-memory split); by
-    default the points come from ``dataset``.
+    of the split (then ``dataset`` may be None, unless a whole-split attack runs: AutoAttack reads the
+    in-memory split); by default the points come from ``dataset``.
 
     The first n points are cut into blocks of consecutive global indices (``block_size_for``), and the
     blocks are shared out over the ranks, a contiguous run each; after each round of blocks one
@@ -136,11 +137,12 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
     settings and ``state_key``), and SIGTERM / SIGINT stop every rank at one round: ``Stopped`` is
     raised once the state is saved. A later call with the same settings continues from the saved
     blocks on any world size, with the counts an unbroken evaluation gives (each point's random
-    starts come from its global index). AutoAttack keeps its own state (``aa_state_dir``) and blocks
-    (``aa_block_size``, None: a function of n alone). ``say``: rank 0's progress lines, at most one per
-    30 s of PGD / CW (None: none) and AutoAttack's plan, results and blocks (None: the log's info)."""
+    starts come from its global index). The whole-split attacks (AutoAttack) keep their own state (under
+    ``aa_state_dir``) and blocks (``aa_block_size``, None: a function of n alone). ``say``: rank 0's
+    progress lines, at most one per 30 s of the batch attacks (None: none) and AutoAttack's plan,
+    results and blocks (None: the log's info)."""
     specs = {name: parse_attack(name) for name in attacks if name != "clean"}
-    iterative = {k: s for k, s in specs.items() if s["kind"] == "pgd"}
+    iterative = {k: s for k, s in specs.items() if s.shape == "batch"}
     rank, world = dist.rank(), dist.world_size()
     n_total = loader.total if loader is not None else (min(limit, len(dataset)) if limit else len(dataset))
     args = json.loads(json.dumps({"n": n_total, "eps": float(eps), "norm": norm, "attacks": list(iterative),
@@ -205,24 +207,23 @@ def evaluate(model: torch.nn.Module, dataset, attacks: list[str], eps: float, ba
     if resumed:
         result["resumed"] = {"blocks": resumed, "of": len(blocks), "state": str(state)}
     for name, spec in specs.items():
-        if spec["kind"] == "pgd":
+        if spec.shape == "batch":
             j = list(iterative).index(name)
-            result["attacks"][name] = {"correct": int(counts[2 + j]), "acc": counts[2 + j].item() / n,
-                                       "eps": eps, "norm": norm, "steps": spec["steps"], "loss": spec["loss"],
-                                       "step_size": eps / 4, "random_start": True, "restarts": restarts,
-                                       "precision": (attack_opts or {}).get("precision", "fp32"),
-                                       "seed": seed, "time_s": seconds[1 + j].item()}
+            record = spec.family.record(spec.settings, eps, norm, restarts, seed, attack_opts or {})
+            result["attacks"][name] = {"correct": int(counts[2 + j]), "acc": counts[2 + j].item() / n, **record,
+                                       "time_s": seconds[1 + j].item()}
         else:
-            state_dir = aa_state_dir if aa_state_dir is None or name == "aa" else Path(aa_state_dir) / name
-            result["attacks"][name] = _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed,
-                                                  state_dir, fingerprint, aa_block_size, spec["version"], say)
+            result["attacks"][name] = spec.family.run(
+                model, dataset, name, spec.settings, eps, norm, batch_size=batch_size, device=device, limit=limit,
+                seed=seed, state_dir=aa_state_dir, fingerprint=fingerprint, block_size=aa_block_size, say=say)
     return result
 
 
 def _block_counts(model, x_all, y_all, first: int, iterative: dict, batch_size: int, eps, norm, seed, restarts,
                   attack_opts, seconds) -> torch.Tensor:
-    """[points, clean correct, robust under each iterative attack] of one block whose first point has the
-    global index ``first``, in chunks of ``batch_size``; this rank's time is added to ``seconds``."""
+    """[points, clean correct, robust under each batch attack] of one block whose first point has the
+    global index ``first``, in chunks of ``batch_size``; this rank's time is added to ``seconds``. An
+    attack with random starts takes each point's seeded one, ``restarts`` times; one without runs once."""
     counts = torch.zeros(2 + len(iterative), dtype=torch.float64)
     for i in range(0, len(y_all), batch_size):
         x, y = x_all[i:i + batch_size], y_all[i:i + batch_size]
@@ -234,32 +235,14 @@ def _block_counts(model, x_all, y_all, first: int, iterative: dict, batch_size: 
         for j, spec in enumerate(iterative.values()):
             t0 = time.perf_counter()
             robust = clean_ok.clone()
-            for r in range(restarts):
-                start = _seeded_starts(x, first + i, seed, r, eps, norm)
-                x_adv = pgd(model, x, y, eps, spec["steps"], norm=norm, loss=spec["loss"], delta0=start,
-                            **(attack_opts or {}))
+            family = spec.family
+            for r in range(restarts if family.random_start else 1):
+                start = _seeded_starts(x, first + i, seed, r, eps, norm) if family.random_start else None
+                x_adv = family.attack(model, x, y, spec.settings, eps, norm, start, attack_opts or {})
                 robust &= _correct(model, x_adv, y)
             counts[2 + j] += robust.sum().item()
             seconds[1 + j] += time.perf_counter() - t0
     return counts
-
-
-def _autoattack(model, dataset, eps, norm, batch_size, device, limit, seed, state_dir, fingerprint,
-                block_size, version, say) -> dict:
-    from .attacks.autoattack import autoattack
-    t0 = time.perf_counter()
-    res = autoattack(model, dataset, eps, norm=norm, batch_size=batch_size, device=device, limit=limit,
-                     seed=seed, state_dir=state_dir, fingerprint=fingerprint, block_size=block_size, version=version,
-                     say=say)
-    return {"correct": res["correct"], "acc": res["acc"], "eps": eps, "norm": norm, "steps": res["settings"],
-            "backend": "pyautoattack " + _pyautoattack_version(), "version": res["version"],
-            "block_size": res["block_size"], "seed": seed,
-            "per_attack": res["per_attack"], "time_s": time.perf_counter() - t0}
-
-
-def _pyautoattack_version() -> str:
-    from importlib.metadata import version
-    return version("pyautoattack")
 
 
 def write_results(path: Path, results: dict) -> None:
@@ -294,9 +277,10 @@ def evaluate_run(cfg, model, device, checkpoint: str, out: Path, journal=None, e
     ``attacks``."""
     e = cfg.eval
     test_set, loader = None, None
-    if resolve_loader(cfg.data) == "ffcv" and e.split == "test" and not any(n.startswith("aa") for n in e.attacks):
+    whole = any(parse_attack(n).shape == "whole" for n in e.attacks)
+    if resolve_loader(cfg.data) == "ffcv" and e.split == "test" and not whole:
         loader = ffcv_eval_loader(cfg.data, e.split, cfg.data.eval_batch_size, device, e.limit)
-    else:  # AutoAttack and the held-out val split read the in-memory split
+    else:  # the whole-split attacks (AutoAttack) and the held-out val split read the in-memory split
         test_set = load_split(cfg.data, e.split)
     eps, norm = eval_radius(cfg)
     radii = radii or [eps]

@@ -1,5 +1,6 @@
 """Adversarial attacks: the PGD family (pgd.py), the pieces of its step (steps.py), its fused step
-(fused.py) and AutoAttack (autoattack.py)."""
+(fused.py) and AutoAttack (autoattack.py). The evaluation attacks (``eval.attacks``) are plug-ins:
+registry.py says how a file of this package adds one (pgd.py, cw.py, fgsm.py, autoattack.py do)."""
 from .pgd import LOSSES, NORMS, attack_loss, attack_mode, cw_margin, pgd, random_start
 
 __all__ = ["LOSSES", "NORMS", "attack_loss", "attack_mode", "attack_kwargs", "cw_margin", "pgd", "random_start"]

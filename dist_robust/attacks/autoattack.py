@@ -33,6 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ from .. import dist
 from ..utils import atomic_write, shard_indices
 from ..utils.lines import Every
 from .pgd import NORMS, attack_mode
+from .registry import EvalAttack, register
 
 VERSIONS = ("standard", "plus", "rand")
 STATE_FORMAT = "dist_robust.aa-state/2"
@@ -182,17 +185,29 @@ def _load_state(path: Path, args: dict, size: int, log) -> tuple[int, dict, dict
     return len(done), flags, header["per_attack"]
 
 
-def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int = 500, device="cpu",
-               limit: int | None = None, seed: int = 0, block_size: int | None = None, state_dir=None,
-               fingerprint: str = "", version: str = "standard", attacks=None, stop_after: str | None = None,
-               log=None, say=None) -> dict:
-    """Robust accuracy of the unwrapped ``model`` under the AutoAttack cascade of ``version`` (or the
-    prefix-ordered subset ``attacks`` of it) on the first ``limit`` points of ``dataset``, summed over
-    ranks (see the module docstring). ``block_size`` None: ``auto_block_size(n)``. Rank 0 tells
-    ``say`` (default: the log's info) the plan, each attack's result and, at most every 30 s, the
-    block it finished."""
-    log = log or logging.getLogger("dist_robust")
-    tell = (say or log.info) if dist.is_main() else (lambda msg: None)
+@dataclass
+class _Plan:
+    """What one autoattack() call does on this rank: its arguments, checked, and this rank's points."""
+    eps: float
+    norm: str
+    n: int
+    block_size: int
+    batch_size: int
+    seed: int
+    version: str          # the reference's version, with ":attack+attack" for a subset of its attacks
+    attacks: tuple
+    stop_after: str | None
+    device: torch.device
+    blocks: range         # this rank's blocks
+    lo: int               # this rank's points: global indices lo..hi-1
+    hi: int
+    args: dict            # what a saved state must have been written with
+    path: Path | None     # this rank's state file
+
+
+def _plan(dataset, eps, norm, batch_size, device, limit, seed, block_size, state_dir, fingerprint, version,
+          attacks, stop_after) -> _Plan:
+    """The call's arguments checked and this rank's share of the blocks (ValueError for bad arguments)."""
     full = attacks_of(version)
     attacks = full if attacks is None else tuple(attacks)
     if not set(attacks) <= set(full):
@@ -211,87 +226,168 @@ def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int =
     rank, world = dist.rank(), dist.world_size()
     blocks = rank_blocks(n, block_size, rank, world)
     lo, hi = min(blocks.start * block_size, n), min(blocks.stop * block_size, n)
-    images = dataset.images[lo:hi].to(device)  # uint8 (4x smaller); chunks go to float as they are used
-    y_all = dataset.labels[lo:hi].to(device)
     version = version if attacks == full else f"{version}:{'+'.join(attacks)}"
     args = {"eps": eps, "norm": norm, "n": n, "block_size": block_size, "batch_size": batch_size, "seed": seed,
             "version": version, "world_size": world, "rank": rank, "fingerprint": fingerprint}
     path = Path(state_dir) / f"rank{rank}.safetensors" if state_dir is not None else None
-    note = idle_note(n, block_size, world)
-    if note and dist.is_main():
-        log.warning(note)
-    tell(f"autoattack {version} on {n} points: {-(-n // block_size)} block(s) of {block_size} over {world} "
-         f"rank(s); {', '.join(attacks)}")
+    return _Plan(eps, norm, n, block_size, batch_size, seed, version, attacks, stop_after, device,
+                 blocks, lo, hi, args, path)
 
-    result = {"n": n, "world_size": world, "eps": eps, "norm": norm, "version": version,
-              "block_size": block_size, "seed": seed, "per_attack": {}, "resumed": []}
-    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+
+def autoattack(model, dataset, eps: float, norm: str = "Linf", batch_size: int = 500, device="cpu",
+               limit: int | None = None, seed: int = 0, block_size: int | None = None, state_dir=None,
+               fingerprint: str = "", version: str = "standard", attacks=None, stop_after: str | None = None,
+               log=None, say=None) -> dict:
+    """Robust accuracy of the unwrapped ``model`` under the AutoAttack cascade of ``version`` (or the
+    prefix-ordered subset ``attacks`` of it) on the first ``limit`` points of ``dataset``, summed over
+    ranks (see the module docstring). ``block_size`` None: ``auto_block_size(n)``. Rank 0 tells
+    ``say`` (default: the log's info) the plan, each attack's result and, at most every 30 s, the
+    block it finished. The phases: the clean pass, the state load, one attack at a time over this
+    rank's blocks, each followed by the state save."""
+    log = log or logging.getLogger("dist_robust")
+    tell = (say or log.info) if dist.is_main() else (lambda msg: None)
+    p = _plan(dataset, eps, norm, batch_size, device, limit, seed, block_size, state_dir, fingerprint, version,
+              attacks, stop_after)
+    images = dataset.images[p.lo:p.hi].to(p.device)  # uint8 (4x smaller); chunks go to float as they are used
+    y_all = dataset.labels[p.lo:p.hi].to(p.device)
+    _announce(p, log, tell)
+    result = {"n": p.n, "world_size": dist.world_size(), "eps": p.eps, "norm": p.norm, "version": p.version,
+              "block_size": p.block_size, "seed": p.seed, "per_attack": {}, "resumed": []}
+    dev = p.device
+    devices = [torch.cuda.current_device() if dev.index is None else dev.index] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), attack_mode(model) as net, torch.no_grad():
-        # the clean pass: cheap and deterministic, so it is recomputed rather than stored
-        n_classes = net(_pixels(dataset.images[:1].to(device))).shape[1]  # every rank, even an idle one
-        result["settings"] = {a: v for a, v in settings(version.split(":")[0], norm, n_classes).items() if a in attacks}
-        robust = torch.cat([net(_pixels(images[i:i + batch_size])).argmax(1) == y_all[i:i + batch_size]
-                            for i in range(0, hi - lo, batch_size)] or [torch.zeros(0, dtype=torch.bool)])
-        robust = robust.to(device)
-        clean = dist.all_reduce_sum(torch.tensor([robust.sum().item()], dtype=torch.float64))
-        result["clean"] = {"correct": int(clean[0]), "acc": clean[0].item() / n}
-
-        k, saved, records = _load_state(path, args, hi - lo, log) if path else (0, {}, {})
-        k = -int(_gathered_max(-k))  # the min over ranks: roll back to what every rank finished
-        history = {}
-        for name in attacks[:k]:
-            history[name] = saved[name].to(device) & robust
-            result["per_attack"][name] = dict(records[name], resumed=True)
-            result["resumed"].append(name)
-        if k:
-            robust = history[attacks[k - 1]].clone()
-            log.info("autoattack: resuming after %s (%s)", attacks[k - 1], path)
-
-        for name in attacks[k:]:
+        n_classes, robust = _clean_pass(net, dataset, images, y_all, p, result)
+        k, robust, history = _resume(p, robust, result, log)
+        for name in p.attacks[k:]:
             t0 = time.perf_counter()
-            atk = build_attack(name, net, eps, norm, n_classes, version.split(":")[0], device)
+            atk = build_attack(name, net, p.eps, p.norm, n_classes, p.version.split(":")[0], p.device)
             attacked = int(robust.sum())
-            rejected = 0
-            every = Every()
-            for b in range(blocks.start, blocks.stop):
-                start = b * block_size - lo
-                idx = robust[start:start + block_size].nonzero().squeeze(1) + start
-                for c, chunk in enumerate(idx.split(batch_size)):
-                    torch.manual_seed(seed)  # for draws made before the library reseeds
-                    atk.seed = seed  # the library reseeds torch with it inside perturb, as the reference does
-                    x, y = _pixels(images[chunk]), y_all[chunk]
-                    with torch.enable_grad():
-                        x_adv = atk(x, y).detach()
-                    ok = within_bounds(x, x_adv, eps, norm)
-                    rejected += int((~ok).sum())
-                    fooled = ok & (net(x_adv).argmax(1) != y)
-                    robust[chunk[fooled]] = False
-                if dist.is_main() and every():  # rank 0's own blocks: the others' need a collective, and rank 0 has the most
-                    end = min(start + block_size, hi - lo)
-                    where = f"block {b + 1}/{blocks.stop}" if world == 1 else f"rank 0 block {b + 1}/{len(blocks)}"
-                    tell(f"autoattack {name}: {where} (points {b * block_size}-{lo + end - 1}): "
-                         f"{int(robust[:end].sum())}/{end} robust so far, {time.perf_counter() - t0:.0f} s")
+            rejected = _attack_blocks(net, atk, name, images, y_all, robust, p, tell, t0)
             history[name] = robust.clone()
-            elapsed = time.perf_counter() - t0
-            counts = dist.all_reduce_sum(torch.tensor([robust.sum().item(), attacked, rejected], dtype=torch.float64))
-            rec = {"attacked": int(counts[1]), "robust": int(counts[0]), "acc": counts[0].item() / n,
-                   "rejected": int(counts[2]), "time_s": _gathered_max(elapsed), "resumed": False}
-            result["per_attack"][name] = rec
-            if rec["rejected"]:
-                log.warning("autoattack: %s returned %d points outside the eps ball or the [0, 1] box; "
-                            "counted as failed attacks", name, rec["rejected"])
-            tell(f"autoattack {name}: {rec['robust']} of {rec['attacked']} attacked points still robust, "
-                 f"acc {rec['acc']:.4f} ({rec['time_s']:.1f} s)")
-            if path is not None:
-                header = {"format": STATE_FORMAT, "args": args, "finished": list(history),
-                          "per_attack": {a: {key: v for key, v in result["per_attack"][a].items() if key != "resumed"}
-                                         for a in history}}
-                tensors = {f"after.{a}": f.to(torch.uint8).cpu() for a, f in history.items()}
-                atomic_write(path, st_save(tensors, metadata={"header": json.dumps(header)}))
-            if name == stop_after:
+            _record(name, robust, attacked, rejected, time.perf_counter() - t0, p, result, log, tell)
+            _save_state(p, history, result)
+            if name == p.stop_after:
                 result["stopped_after"] = name
                 break
-
     final = dist.all_reduce_sum(torch.tensor([robust.sum().item()], dtype=torch.float64))
-    result.update(correct=int(final[0]), acc=final[0].item() / n)
+    result.update(correct=int(final[0]), acc=final[0].item() / p.n)
     return result
+
+
+def _announce(p: _Plan, log, tell) -> None:
+    """The idle-rank warning (rank 0, once) and the plan."""
+    world = dist.world_size()
+    note = idle_note(p.n, p.block_size, world)
+    if note and dist.is_main():
+        log.warning(note)
+    tell(f"autoattack {p.version} on {p.n} points: {-(-p.n // p.block_size)} block(s) of {p.block_size} over "
+         f"{world} rank(s); {', '.join(p.attacks)}")
+
+
+def _clean_pass(net, dataset, images, y_all, p: _Plan, result: dict) -> tuple[int, torch.Tensor]:
+    """(classes, this rank's points classified correctly): cheap and deterministic, so it is recomputed
+    rather than stored; the clean counts and the attacks' settings go into ``result``."""
+    n_classes = net(_pixels(dataset.images[:1].to(p.device))).shape[1]  # every rank, even an idle one
+    result["settings"] = {a: v for a, v in settings(p.version.split(":")[0], p.norm, n_classes).items()
+                          if a in p.attacks}
+    b = p.batch_size
+    robust = torch.cat([net(_pixels(images[i:i + b])).argmax(1) == y_all[i:i + b]
+                        for i in range(0, p.hi - p.lo, b)] or [torch.zeros(0, dtype=torch.bool)])
+    robust = robust.to(p.device)
+    clean = dist.all_reduce_sum(torch.tensor([robust.sum().item()], dtype=torch.float64))
+    result["clean"] = {"correct": int(clean[0]), "acc": clean[0].item() / p.n}
+    return n_classes, robust
+
+
+def _resume(p: _Plan, robust: torch.Tensor, result: dict, log) -> tuple[int, torch.Tensor, dict]:
+    """(attacks finished by every rank, the robust flags after them, {attack: flags after it}) from the
+    saved state; their records go into ``result``."""
+    k, saved, records = _load_state(p.path, p.args, p.hi - p.lo, log) if p.path else (0, {}, {})
+    k = -int(_gathered_max(-k))  # the min over ranks: roll back to what every rank finished
+    history = {}
+    for name in p.attacks[:k]:
+        history[name] = saved[name].to(p.device) & robust
+        result["per_attack"][name] = dict(records[name], resumed=True)
+        result["resumed"].append(name)
+    if k:
+        robust = history[p.attacks[k - 1]].clone()
+        log.info("autoattack: resuming after %s (%s)", p.attacks[k - 1], p.path)
+    return k, robust, history
+
+
+def _attack_blocks(net, atk, name, images, y_all, robust, p: _Plan, tell, t0) -> int:
+    """One attack on the still-robust points of this rank's blocks, a seeded call per chunk; ``robust``
+    is updated in place. Returns the number of outputs outside the eps ball or the [0, 1] box."""
+    rejected, every, size = 0, Every(), p.block_size
+    for b in p.blocks:
+        start = b * size - p.lo
+        idx = robust[start:start + size].nonzero().squeeze(1) + start
+        for chunk in idx.split(p.batch_size):
+            torch.manual_seed(p.seed)  # for draws made before the library reseeds
+            atk.seed = p.seed  # the library reseeds torch with it inside perturb, as the reference does
+            x, y = _pixels(images[chunk]), y_all[chunk]
+            with torch.enable_grad():
+                x_adv = atk(x, y).detach()
+            ok = within_bounds(x, x_adv, p.eps, p.norm)
+            rejected += int((~ok).sum())
+            fooled = ok & (net(x_adv).argmax(1) != y)
+            robust[chunk[fooled]] = False
+        if dist.is_main() and every():  # rank 0's own blocks: the others' need a collective, and rank 0 has the most
+            end = min(start + size, p.hi - p.lo)
+            where = f"block {b + 1}/{p.blocks.stop}" if dist.world_size() == 1 else f"rank 0 block {b + 1}/{len(p.blocks)}"
+            tell(f"autoattack {name}: {where} (points {b * size}-{p.lo + end - 1}): "
+                 f"{int(robust[:end].sum())}/{end} robust so far, {time.perf_counter() - t0:.0f} s")
+    return rejected
+
+
+def _record(name, robust, attacked, rejected, elapsed, p: _Plan, result: dict, log, tell) -> None:
+    """One finished attack's counts summed over ranks, into ``result["per_attack"]``, and said."""
+    counts = dist.all_reduce_sum(torch.tensor([robust.sum().item(), attacked, rejected], dtype=torch.float64))
+    rec = {"attacked": int(counts[1]), "robust": int(counts[0]), "acc": counts[0].item() / p.n,
+           "rejected": int(counts[2]), "time_s": _gathered_max(elapsed), "resumed": False}
+    result["per_attack"][name] = rec
+    if rec["rejected"]:
+        log.warning("autoattack: %s returned %d points outside the eps ball or the [0, 1] box; "
+                    "counted as failed attacks", name, rec["rejected"])
+    tell(f"autoattack {name}: {rec['robust']} of {rec['attacked']} attacked points still robust, "
+         f"acc {rec['acc']:.4f} ({rec['time_s']:.1f} s)")
+
+
+def _save_state(p: _Plan, history: dict, result: dict) -> None:
+    """This rank's flags after each finished attack and their records, atomically (no state_dir: nothing)."""
+    if p.path is None:
+        return
+    header = {"format": STATE_FORMAT, "args": p.args, "finished": list(history),
+              "per_attack": {a: {key: v for key, v in result["per_attack"][a].items() if key != "resumed"}
+                             for a in history}}
+    tensors = {f"after.{a}": f.to(torch.uint8).cpu() for a, f in history.items()}
+    atomic_write(p.path, st_save(tensors, metadata={"header": json.dumps(header)}))
+
+
+# ---------------------------------------------------------------- the evaluation attacks (registry.py)
+
+class AutoAttackFamily(EvalAttack):
+    """``aa``, ``aa-plus``, ``aa-rand``: fra31's standard, plus and rand versions, on the whole split
+    (its own blocks and state: ``aa``'s under the state folder, the others' in a folder of their name)."""
+    name, shape = "aa", "whole"
+    grammar = "aa, aa-plus, aa-rand (AutoAttack's standard, plus and rand versions)"
+    VERSIONS = {"": "standard", "-plus": "plus", "-rand": "rand"}  # name suffix -> fra31's version
+
+    def parse(self, name):
+        version = self.VERSIONS.get(name.removeprefix(self.name)) if name.startswith(self.name) else None
+        return {"version": version} if version else None
+
+    def run(self, model, dataset, name, settings, eps, norm, *, batch_size, device, limit, seed, state_dir,
+            fingerprint, block_size, say):
+        state_dir = state_dir if state_dir is None or name == "aa" else Path(state_dir) / name
+        t0 = time.perf_counter()
+        res = autoattack(model, dataset, eps, norm=norm, batch_size=batch_size, device=device, limit=limit,
+                         seed=seed, state_dir=state_dir, fingerprint=fingerprint, block_size=block_size,
+                         version=settings["version"], say=say)
+        return {"correct": res["correct"], "acc": res["acc"], "eps": eps, "norm": norm, "steps": res["settings"],
+                "backend": "pyautoattack " + package_version("pyautoattack"), "version": res["version"],
+                "block_size": res["block_size"], "seed": seed,
+                "per_attack": res["per_attack"], "time_s": time.perf_counter() - t0}
+
+
+register(AutoAttackFamily())

@@ -21,6 +21,7 @@ from ..dist import unwrap
 from ..utils import PRECISIONS, autocast
 from .folded_bn import has_batch_norm
 from .fused import make_step
+from .registry import EvalAttack, register
 from .steps import LOSSES, LossFn, ascend, attack_loss, cw_margin, random_start  # noqa: F401 (re-exported)
 
 NORMS = ("Linf", "L2")
@@ -145,3 +146,27 @@ def _check_args(eps, steps, norm, restarts, precision, x):
     if precision == "fp16" and x.device.type != "cuda":  # CPU autocast is bf16 (fast with avx512_bf16 / AMX)
         raise ValueError("attack precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
 
+
+# ---------------------------------------------------------------- the evaluation attack (registry.py)
+
+class PGDAttack(EvalAttack):
+    """``pgd-K``: K steps of PGD on the CE loss, step eps / 4, from each point's seeded random start."""
+    name, loss, about = "pgd", "ce", "CE PGD, K > 0 steps"
+
+    @property
+    def grammar(self):
+        return f"{self.name}-K ({self.about})"
+
+    def parse(self, name):
+        head, _, steps = name.rpartition("-")
+        return {"steps": int(steps)} if head == self.name and steps.isdecimal() and int(steps) > 0 else None
+
+    def attack(self, model, x, y, settings, eps, norm, start, opts):
+        return pgd(model, x, y, eps, settings["steps"], norm=norm, loss=self.loss, delta0=start, **opts)
+
+    def record(self, settings, eps, norm, restarts, seed, opts):
+        return {"eps": eps, "norm": norm, "steps": settings["steps"], "loss": self.loss, "step_size": eps / 4,
+                "random_start": True, "restarts": restarts, "precision": opts.get("precision", "fp32"), "seed": seed}
+
+
+register(PGDAttack())

@@ -27,7 +27,7 @@ from typing import List, Optional
 
 from ... import dist
 from ...attacks import attack_kwargs, pgd
-from ...attacks.names import parse_attack
+from ...attacks.registry import parse_attack
 from ...checkpoint import load_checkpoint, read_sidecar, resolve, save_checkpoint
 from ...evaluate import _seeded_starts, agreed_signal, eval_attack_opts, evaluate, evaluate_run
 from ...models import model_from_state
@@ -79,10 +79,10 @@ class InterpolateConfig(StageConfig):
         check(self.tau >= 0, "stage.tau", self.tau, "must be >= 0")
         _check_split(cfg, "stage.select_split", self.select_split)
         try:
-            iterative = parse_attack(self.select_attack)["kind"] == "pgd"
+            iterative = parse_attack(self.select_attack).shape == "batch"
         except ValueError:
             iterative = False
-        check(iterative, "stage.select_attack", self.select_attack, "must be pgd-K or cw-K")
+        check(iterative, "stage.select_attack", self.select_attack, "must be a batch attack: pgd-K, cw-K or fgsm")
         check(not training or (self.robust_from and cfg.model.init_from), "stage.robust_from", self.robust_from,
               "rift_interpolate needs the robust model (stage.robust_from) and the tuned one (model.init_from)")
 
