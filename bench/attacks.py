@@ -32,6 +32,7 @@ import torchattacks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved, pair_ratio  # noqa: E402
+
 from dist_robust.attacks import pgd  # noqa: E402
 from dist_robust.data import load_dataset  # noqa: E402
 from dist_robust.models import build_model  # noqa: E402

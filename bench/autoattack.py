@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attacks import trained_cnn3  # noqa: E402
+
 from dist_robust.attacks.autoattack import autoattack  # noqa: E402
 from dist_robust.data import load_dataset  # noqa: E402
 

@@ -39,6 +39,7 @@ import torch.distributed as tdist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved, timed  # noqa: E402
+
 from dist_robust.attacks import random_start  # noqa: E402
 from dist_robust.config import load_config  # noqa: E402
 from dist_robust.engine.train import DDPTrainer, host_totals, step_flags, training_form  # noqa: E402
@@ -130,8 +131,9 @@ def main() -> None:
         for norm, eps in (("Linf", 0.1), ("L2", 0.5)):
             x = torch.rand(shape, device=device)
             assert torch.equal(old_seeded_starts(x, 7, 0, 1, eps, norm), _seeded_starts(x, 7, 0, 1, eps, norm))
-            res = interleaved({"old": lambda: old_seeded_starts(x, 7, 0, 1, eps, norm),
-                               "new": lambda: _seeded_starts(x, 7, 0, 1, eps, norm)}, args.repeats)
+            res = interleaved({"old": lambda x=x, eps=eps, norm=norm: old_seeded_starts(x, 7, 0, 1, eps, norm),
+                               "new": lambda x=x, eps=eps, norm=norm: _seeded_starts(x, 7, 0, 1, eps, norm)},
+                              args.repeats)
             row = {"row": "seeded starts", "batch": list(shape), "norm": norm, "old_s": res["old"]["median_s"],
                    "new/old": ratio(res, "new"), "bitwise_equal": True}
             rows.append(row)

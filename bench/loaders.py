@@ -39,8 +39,9 @@ BASE = {"mnist28": 10_000, "cifar32": 10_000, "imagenet224": 256}
 def foolbox_images(prefixes: tuple[str, ...], side: int) -> np.ndarray:
     """The real test images that ship in foolbox (requirements-nodeps.txt), resized to side x side, as
     uint8 [N, 3, side, side]."""
-    from PIL import Image
     import importlib.util
+
+    from PIL import Image
     spec = importlib.util.find_spec("foolbox")
     if spec is None:
         raise SystemExit("bench/loaders.py needs foolbox's images: pip install --no-deps foolbox==3.3.4")
@@ -71,7 +72,7 @@ def epoch_seconds(loader, repeats: int) -> dict:
     times = []
     for epoch in range(repeats + 1):  # the first epoch is the warm-up
         t0 = time.perf_counter()
-        for x, _ in loader.iter_from(epoch):
+        for _batch in loader.iter_from(epoch):
             pass
         times.append(time.perf_counter() - t0)
     times = times[1:]
@@ -94,9 +95,9 @@ def main() -> None:
             for scale in map(int, args.scales.split(",")):
                 ds = dataset(kind, scale)
                 n = len(ds)
-                loaders = {"memory": lambda: TrainLoader(ds, args.batch, **aug),
-                           "torch w0": lambda: TorchTrainLoader(ds, args.batch, workers=0, **aug),
-                           "torch w2": lambda: TorchTrainLoader(ds, args.batch, workers=2, **aug)}
+                loaders = {"memory": lambda ds=ds: TrainLoader(ds, args.batch, **aug),
+                           "torch w0": lambda ds=ds: TorchTrainLoader(ds, args.batch, workers=0, **aug),
+                           "torch w2": lambda ds=ds: TorchTrainLoader(ds, args.batch, workers=2, **aug)}
                 sizes = {}
                 for fmt in ("raw", "jpeg"):
                     beton = Path(tmp) / f"{kind}-x{scale}-{fmt}.beton"
@@ -105,8 +106,8 @@ def main() -> None:
                     sizes[fmt] = (beton.stat().st_size, time.perf_counter() - t0)
                     data = argparse.Namespace(name=kind, root=None, image_size=None, holdout=0, subset=None,
                                               ffcv_dir=tmp, ffcv_format=fmt, **aug)
-                    loaders[f"ffcv {fmt}"] = (lambda b=beton, d=data: FFCVTrainLoader(
-                        d, args.batch, workers=args.threads, beton=b, info=ds.info))
+                    loaders[f"ffcv {fmt}"] = (lambda b=beton, d=data, info=ds.info: FFCVTrainLoader(
+                        d, args.batch, workers=args.threads, beton=b, info=info))
                 for name, make in loaders.items():
                     t = epoch_seconds(make(), args.repeats)
                     steps = n // args.batch

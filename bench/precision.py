@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved  # noqa: E402
+
 from dist_robust.attacks import pgd  # noqa: E402
 from dist_robust.config import load_config  # noqa: E402
 from dist_robust.engine.train import DDPTrainer, training_form  # noqa: E402

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from .utils import atomic_write, sha256
 

@@ -16,8 +16,11 @@ import socket
 import sys
 from pathlib import Path
 
-from . import orphan  # first of the project: it records the launcher's pid before torch's import
-from . import dist, lock
+from . import (
+    dist,
+    lock,
+    orphan,  # first of the project: it records the launcher's pid before torch's import
+)
 from .attacks.registry import known as known_attacks
 from .config import ConfigError, from_dict, load_stages, parse_fraction, validate
 from .preflight import check_run, check_same_view, preflight, run_folder_view
@@ -190,8 +193,8 @@ def _eval_settings(args):
         weights = Path(args.weights)
         out = Path(args.out) if args.out else weights.with_name(f"eval-{weights.stem}-{args.dataset}-{args.split}.json")
         return cfg, None, _writable(out, args), radii
-    from .data import dataset_info
     from .checkpoint import model_header
+    from .data import dataset_info
     from .models import head_classes
     info = dataset_info(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.channels)
     shapes = model_header(sidecar)

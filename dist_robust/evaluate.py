@@ -33,7 +33,8 @@ from .data.memory import _to_float
 from .data.select import ffcv_eval_loader, resolve_loader
 from .utils import atomic_write, sha256_file, shard_indices
 from .utils.lines import Every
-from .utils.signals import StopSignals, Stopped
+from .utils.signals import Stopped, StopSignals
+
 log = logging.getLogger("dist_robust")
 
 

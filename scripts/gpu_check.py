@@ -396,9 +396,11 @@ def run_stage(ctx, letter: str) -> dict:
 def worker_gloo_probe(device: str, out: Path) -> None:
     """Under torchrun, 2 ranks: a gloo group, and each collective of COLLECTIVES tried on tensors on the
     run's device (both ranks on cuda:0 on one GPU). Rank 0 writes {collective: ok | what failed}."""
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
-    from datetime import timedelta
+
     from dist_robust.models.sync_bn import all_reduce as bn_all_reduce
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) \
@@ -480,6 +482,7 @@ def nccl_ddp_check(backend: str = "cpu:gloo,cuda:nccl", device: str = "cuda") ->
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     from dist_robust.config import load_config
     from dist_robust.methods import build_method
     from dist_robust.models import build_model
@@ -524,6 +527,7 @@ def own_group_evaluation(backend: str, device: str) -> str:
     user script), whose host-side counts dist.all_reduce_sum must carry on a device the group serves."""
     import torch
     import torch.distributed as dist
+
     from dist_robust import evaluate_model
     from dist_robust.models import build_model
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
@@ -541,6 +545,7 @@ def own_group_evaluation(backend: str, device: str) -> str:
 def pgd_step(model_name: str, precision: str, x, y):
     """One PGD step (random start, forward, input-gradient backward, projection) on the eval-mode model."""
     import torch
+
     from dist_robust.attacks import pgd
     from dist_robust.models import build_model
     torch.manual_seed(0)
@@ -586,6 +591,7 @@ def worker_evaluate(device: str, out: Path, eval_device: str, checkpoint: str, s
     the given splits of digits. Each point's random start is seeded and drawn on the CPU, so both devices
     start from the same points."""
     import torch
+
     from dist_robust.checkpoint import read_sidecar
     from dist_robust.data import load_dataset
     from dist_robust.engine.train import exported_model

@@ -10,15 +10,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from conftest import run_ranks
 from dist_robust import config
 from dist_robust.methods import build_method
 from dist_robust.methods.adv_ss.attack import joint_attack, logdet_penalty, task_gradients, task_loss
 from dist_robust.methods.adv_ss.networks import JigsawHead, PretextNet, pretext_model_from_state
-from dist_robust.methods.adv_ss.pretext import (JIGSAW_FORCE_IDENTITY, from_tiles, jigsaw, jigsaw_permutations, rotate,
-                                                selfie_positions, to_tiles)
+from dist_robust.methods.adv_ss.pretext import (
+    JIGSAW_FORCE_IDENTITY,
+    from_tiles,
+    jigsaw,
+    jigsaw_permutations,
+    rotate,
+    selfie_positions,
+    to_tiles,
+)
 from dist_robust.models import build_model, load_backbone
-
-from conftest import run_ranks
 
 SMALL = ["eval.at_end=false", "attack.eps=0.1", "attack.steps=2", "method.jigsaw_grid=2", "method.jigsaw_perms=5"]
 
@@ -273,6 +279,7 @@ def test_pretext_then_adversarial_finetuning_recipe(tmp_path, tiny):
     """Adversarial rotation pre-training on digits, then PGD-AT fine-tuning from it (new head)."""
     import yaml
     from safetensors.torch import load_file
+
     from dist_robust.cli import main
     recipe = tmp_path / "adv_ss.yaml"
     recipe.write_text(yaml.safe_dump({"stages": [

@@ -109,6 +109,7 @@ def test_load_model_gives_the_run_its_counts(reference):
     """The model of the shared reference run, loaded from its folder and evaluated from Python on the
     points its results.json counted, gives the same clean count."""
     import json
+
     from dist_robust import evaluate_model, load_dataset, load_model
     model = load_model(reference)
     assert not model.training

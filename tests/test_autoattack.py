@@ -26,8 +26,8 @@ from conftest import START_METHOD, run_ranks
 from dist_robust.attacks import autoattack as aa_mod
 from dist_robust.attacks import pgd
 from dist_robust.attacks.autoattack import attacks_of, autoattack, settings, within_bounds
-from dist_robust.evaluate import evaluate
 from dist_robust.data import load_dataset
+from dist_robust.evaluate import evaluate
 from dist_robust.models import build_model
 
 N, EPS, BLOCK = 120, 0.015, 60  # 2 blocks, one per rank (the uneven splits are tested with cheap noise)
@@ -83,7 +83,7 @@ def _recording(adversary, outputs: list):
     ``outputs``: the adversarial images themselves, which a wrong seed or target changes even where
     the robust flags happen to stay the same."""
     for attr in ("apgd", "apgd_targeted", "fab", "square"):
-        def perturb(*args, _real=getattr(adversary, attr).perturb, **kwargs):
+        def perturb(*args, _real=getattr(adversary, attr).perturb, **kwargs):  # noqa: B008 (bound per attr)
             out = _real(*args, **kwargs)
             outputs.append(out.detach().clone())
             return out
@@ -466,6 +466,7 @@ def test_default_blocks_give_every_rank_work_and_never_follow_the_ranks():
     must not follow the ranks), and fewer points than the old default block of 500 per rank still give
     every rank of up to 8 blocks; a size that leaves ranks idle is said in one line."""
     import inspect
+
     from dist_robust.api import evaluate_model
     from dist_robust.attacks.autoattack import auto_block_size, idle_note, rank_blocks
     from dist_robust.config import EvalConfig

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dist_robust.cli import main
 from dist_robust.checkpoint import save_checkpoint
+from dist_robust.cli import main
 from dist_robust.models import build_model
 
 RECIPE = "configs/quickstart.yaml"

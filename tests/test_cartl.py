@@ -11,15 +11,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from conftest import run_ranks, save_shard_gradients
 from dist_robust import config
 from dist_robust.data import load_dataset
 from dist_robust.methods import cartl
-from dist_robust.methods.cartl import (CARTLFeatureDistance, CARTLFineTune, CutFeatureHook, apply_spectral_norm,
-                                       remove_spectral_norm)
+from dist_robust.methods.cartl import (
+    CARTLFeatureDistance,
+    CARTLFineTune,
+    CutFeatureHook,
+    apply_spectral_norm,
+    remove_spectral_norm,
+)
 from dist_robust.models import build_model
 from dist_robust.models.partial import configure_finetuning
-
-from conftest import run_ranks, save_shard_gradients
 
 
 @functools.lru_cache(maxsize=1)
@@ -312,6 +316,7 @@ def test_cartl_recipe_runs_both_stages_and_exports_a_plain_model(tmp_path, tiny)
     frozen stages leave stage 2 bitwise as stage 1 made them, the export is a plain model."""
     import yaml
     from safetensors.torch import load_file
+
     from dist_robust.cli import main
     from dist_robust.models import model_from_state
     recipe = tmp_path / "cartl.yaml"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_robust.cli import main
 from dist_robust.checkpoint import CheckpointError, last_good, load_checkpoint, model_header, save_checkpoint
+from dist_robust.cli import main
 from dist_robust.models import build_model
 
 

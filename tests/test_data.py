@@ -7,12 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from dist_robust.data import (DATASETS, Dataset, DatasetInfo, EvalLoader, TrainLoader, dataset_info,
-                              load_dataset, safe_unpickle)
-from dist_robust.utils import shard_indices
-from dist_robust.data import sources
+from dist_robust.data import (
+    DATASETS,
+    Dataset,
+    DatasetInfo,
+    EvalLoader,
+    TrainLoader,
+    dataset_info,
+    load_dataset,
+    safe_unpickle,
+    sources,
+)
 from dist_robust.data.memory import random_crop, random_flip
 from dist_robust.utils import generator as _generator
+from dist_robust.utils import shard_indices
 
 
 def counts(ds, num_classes):

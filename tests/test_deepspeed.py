@@ -189,6 +189,7 @@ def _adamw_bridge_worker(rank, world, out_dir):
     os.environ["LOCAL_RANK"] = str(rank)
     import deepspeed
     from torch import nn
+
     from dist_robust.checkpoint import load_optimizer, save_checkpoint
     from dist_robust.config import load_config
     from dist_robust.engine.deepspeed import ZeroOptimizerState, ds_config

@@ -12,11 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (ENV, QUICKSTART, REFERENCE, ROOT, TINY, Stop, die_at_step, run_ranks, same_weights, tmpfs,
-                      torchrun_cmd)
-from dist_robust.cli import main
+from conftest import (
+    ENV,
+    QUICKSTART,
+    REFERENCE,
+    ROOT,
+    TINY,
+    Stop,
+    die_at_step,
+    run_ranks,
+    same_weights,
+    tmpfs,
+    torchrun_cmd,
+)
 from dist_robust.checkpoint import last_good, load_checkpoint
-
+from dist_robust.cli import main
 
 
 def _args(tmp_path, name, *extra):

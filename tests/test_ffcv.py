@@ -13,8 +13,15 @@ from safetensors.torch import load_file
 from conftest import train_reference
 from dist_robust.cli import main
 from dist_robust.data import EvalLoader, TrainLoader, load_dataset, load_split
-from dist_robust.data.ffcv import (FFCVDataError, FFCVEvalLoader, FFCVTrainLoader, beton_path, checked_manifest,
-                                   prepare, verify)
+from dist_robust.data.ffcv import (
+    FFCVDataError,
+    FFCVEvalLoader,
+    FFCVTrainLoader,
+    beton_path,
+    checked_manifest,
+    prepare,
+    verify,
+)
 from dist_robust.data.memory import epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]

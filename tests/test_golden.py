@@ -31,6 +31,7 @@ def machine() -> str:
     other CPUs (seen: 4% apart at one step of the PGD-AT run, PGD-3 65 against 62 points), bitwise the same
     on one machine."""
     import platform
+
     import torch
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),

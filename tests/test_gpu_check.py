@@ -30,6 +30,7 @@ class _Ctx:
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_every_run_is_a_valid_recipe_for_its_world_size(device, tmp_path):
     import yaml
+
     from dist_robust.config import load_stages
     from dist_robust.preflight import preflight
     runs = gpu_check.recipes(_Ctx(device, tmp_path))

@@ -5,8 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from dist_robust.models import (MODELS, ImageClassifier, Normalize, block_names, build_model, head_parameter_names,
-                                load_backbone, stage_names)
+from dist_robust.models import (
+    MODELS,
+    ImageClassifier,
+    Normalize,
+    block_names,
+    build_model,
+    head_parameter_names,
+    load_backbone,
+    stage_names,
+)
 
 SMALL = ["cnn3", "resnet_small"]
 

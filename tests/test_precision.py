@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_golden import machine
 
 from conftest import QUICKSTART, TINY, Stop, die_at_step, same_weights
 from dist_robust.cli import main
-from test_golden import machine
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "loss_curves.json").read_text())
 CURVES = GOLDEN["pgd_at_2_ranks"]["machines"]  # the 2-rank reference run, 44 steps, fp32: this machine's

@@ -70,8 +70,9 @@ def test_sigterm_to_torchrun_stops_its_ranks_with_a_checkpoint_and_resumes_bitwi
 
 def test_a_single_process_exits_143_after_its_checkpoint(tmp_path):
     """Without a launcher in between, the documented status: 128 + SIGTERM."""
-    from conftest import TINY
     import sys
+
+    from conftest import TINY
     args = [sys.executable, "-m", "dist_robust", "train", QUICKSTART, *TINY, "train.log_every=1",
             "train.epochs=3", f"run.out_dir={tmp_path}", "run.name=one"]
     proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -130,6 +131,7 @@ def test_a_mid_epoch_checkpoint_of_2_ranks_is_refused_on_1_rank_unless_train_res
     train.resume=auto refuses it in one line that names auto_epoch; auto_epoch continues from the epoch
     checkpoint, says so in one line, and trains the second epoch again."""
     import shutil
+
     from dist_robust.cli import main
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import QUICKSTART, TINY
 from dist_robust import evaluate as ev
 from dist_robust.checkpoint import save_checkpoint
 from dist_robust.config import load_config
 from dist_robust.data import load_dataset
 from dist_robust.engine.stages import run_stage  # hands each stage kind the splits it declared
-from dist_robust.methods.rift import core, stages as rift
+from dist_robust.methods.rift import core
+from dist_robust.methods.rift import stages as rift
 from dist_robust.models import build_model
-from dist_robust.utils.signals import StopSignals, Stopped
-
-from conftest import QUICKSTART, TINY
+from dist_robust.utils.signals import Stopped, StopSignals
 
 
 class Uncaught(Exception):

@@ -15,7 +15,6 @@ import torch.distributed as tdist
 from conftest import QUICKSTART, ROOT, RUN_ENV, TINY, launcher_env, run_ranks
 from dist_robust import dist
 
-
 # --- the group dist.init asks for -------------------------------------------------------------------
 
 def _requested_group(monkeypatch, device: torch.device, backend: str = "auto") -> dict:

@@ -9,9 +9,17 @@ import torch
 from conftest import run_ranks
 from dist_robust.attacks import pgd
 from dist_robust.data import load_dataset
+from dist_robust.methods.rift.core import (
+    critical_modules,
+    interpolate_state,
+    module_robust_criticality,
+    project_relative,
+    rank_modules,
+    select_alpha,
+    write_alpha_curve,
+    write_mrc_table,
+)
 from dist_robust.models import build_model
-from dist_robust.methods.rift.core import (critical_modules, interpolate_state, module_robust_criticality, project_relative,
-                              rank_modules, select_alpha, write_alpha_curve, write_mrc_table)
 
 N, EPS_W = 96, 0.1
 MRC_ARGS = dict(eps_w=EPS_W, epochs=3, lr=1.0, batch_size=40)  # 40: batches of unequal size

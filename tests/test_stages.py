@@ -86,6 +86,7 @@ def test_the_engine_hands_a_stage_kind_the_splits_it_declares(tmp_path, tiny, mo
     """The stage contract (methods never import the data layer): a kind's ``splits`` keys name splits,
     which the engine loads from the run's data section and passes to ``run(cfg, device, splits)``."""
     import dataclasses
+
     from dist_robust.data import load_split
     from dist_robust.engine.stages import run_stage
     from dist_robust.methods import STAGE_KINDS

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from conftest import QUICKSTART, TINY, Stop, die_at_step
+from dist_robust import tensorboard as journal_module
 from dist_robust.cli import main
 from dist_robust.report import train_seconds
-from dist_robust import tensorboard as journal_module
 from dist_robust.tensorboard import RunLog
 
 

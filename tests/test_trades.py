@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dist_robust import config
-from dist_robust.methods import build_method
 from dist_robust.attacks import pgd
+from dist_robust.methods import build_method
 from dist_robust.methods.trades import kl_term, trades_adversary
 from dist_robust.models import build_model
 

@@ -8,14 +8,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import run_cases
 from dist_robust import config
-from dist_robust.preflight import preflight
-from dist_robust.data import load_dataset
 from dist_robust.checkpoint import save_checkpoint
+from dist_robust.data import load_dataset
 from dist_robust.methods import build_method
 from dist_robust.models import build_model
 from dist_robust.models.dual_bn import DualBatchNorm2d, bn_branch, dual_layers, export_plain
 from dist_robust.models.partial import configure_finetuning
 from dist_robust.models.sync_bn import SyncBatchNorm2d, convert_sync_bn
+from dist_robust.preflight import preflight
 
 RECIPE = ["data.name=digits", "model.name=cnn3", "attack.eps=0.1", "attack.steps=2", "optim.lr=0.05"]
 

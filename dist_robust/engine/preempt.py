@@ -10,6 +10,6 @@ loop and RiFT's stages use them too. A signal during setup or a validation is ho
 export, AutoAttack) the previous handlers act: the process ends at once, and an AutoAttack evaluation
 continues from its saved state when started again.
 """
-from ..utils.signals import STOP_SIGNALS, StopSignals, Stopped
+from ..utils.signals import STOP_SIGNALS, Stopped, StopSignals
 
 __all__ = ["STOP_SIGNALS", "StopSignals", "Stopped"]

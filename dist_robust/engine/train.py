@@ -19,25 +19,35 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import dist
+from ..checkpoint import (
+    CheckpointError,
+    last_good,
+    load_checkpoint,
+    load_optimizer,
+    load_rank_buffers,
+    mid_epoch_layout,
+    prune_epoch_checkpoints,
+    read_sidecar,
+    remove_step_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ..config import Config, from_dict
 from ..data import data_info, data_stats, load_split
 from ..data.select import resolve_loader, train_loader
+from ..evaluate import eval_attack_opts, eval_radius, evaluate, evaluate_run
 from ..methods import MODULE_SELECTORS, build_method
 from ..models import build_model, head_classes, load_backbone, load_state_strict, model_from_state
 from ..models.dual_bn import export_plain
 from ..models.external import normalize_stats
 from ..models.partial import configure_finetuning
 from ..models.sync_bn import convert_sync_bn
-from ..report import JsonlLog
+from ..report import JsonlLog, progress
 from ..schedules import lr_at
 from ..tensorboard import RunLog, forget_after
 from ..utils import atomic_write, autocast
-from ..checkpoint import (CheckpointError, last_good, load_checkpoint, load_optimizer,
-                         load_rank_buffers, mid_epoch_layout, prune_epoch_checkpoints, read_sidecar,
-                         remove_step_checkpoints, rng_state, save_checkpoint, set_rng_state)
-from ..evaluate import eval_attack_opts, eval_radius, evaluate, evaluate_run
-from .preempt import StopSignals, Stopped
-from ..report import progress
+from .preempt import Stopped, StopSignals
 
 log = logging.getLogger("dist_robust")
 

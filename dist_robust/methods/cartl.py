@@ -26,8 +26,8 @@ Config keys read (defaults in brackets):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -10,7 +10,6 @@ from torch import nn
 
 from ...attacks.pgd import ascend, attack_mode, random_start
 
-
 # ---------------------------------------------------------------- losses and the joint attack
 
 def task_loss(task: str, scores: torch.Tensor, labels: Optional[torch.Tensor], faithful: bool = False) -> torch.Tensor:

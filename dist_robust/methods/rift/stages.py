@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import torch
-
-from dataclasses import dataclass, field
-from typing import List, Optional
 
 from ... import dist
 from ...attacks import attack_kwargs, pgd
@@ -32,10 +31,17 @@ from ...checkpoint import load_checkpoint, read_sidecar, resolve, save_checkpoin
 from ...evaluate import _seeded_starts, agreed_signal, eval_attack_opts, evaluate, evaluate_run
 from ...models import model_from_state
 from ...utils import atomic_write, check, shard_indices
-from ...utils.signals import StopSignals, Stopped
+from ...utils.signals import Stopped, StopSignals
 from ..base import MODULE_SELECTORS, StageConfig, register_stage
-from .core import (critical_modules, interpolate_state, module_robust_criticality, rank_modules, select_alpha,
-                   write_alpha_curve, write_mrc_table)
+from .core import (
+    critical_modules,
+    interpolate_state,
+    module_robust_criticality,
+    rank_modules,
+    select_alpha,
+    write_alpha_curve,
+    write_mrc_table,
+)
 
 log = logging.getLogger("dist_robust")
 
